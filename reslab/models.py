@@ -1,0 +1,384 @@
+"""Every network of the paper: CIFAR ResNets (Sec. 4.2), ImageNet ResNets (Sec. 3.4, Table 1),
+their plain twins, shortcut options A/B/C (Sec. 3.3) and the seed's research mappings.
+
+State-dict keys follow torchvision's ResNet (`conv1`, `bn1`, `layerN.i.convK`, `layerN.i.bnK`,
+`layerN.i.downsample.0/1`, `fc`), so torchvision weights load with `strict=True` into the v1.5,
+option-B models. This module imports only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+SHORTCUTS = ("A", "B", "C", "gated", "scaled", "fixed", "none")
+LAYOUTS = ("v1", "v1.5")
+GATE_BIAS = -3.0  # sigmoid(-3) = 0.047: a gated block starts ~95% on its shortcut (highway-style)
+FIXED_SCALE = 0.5  # the "fixed" mapping: y = F(x) + 0.5 * x
+
+# ImageNet family, Table 1: (block kind, blocks per stage conv2_x..conv5_x)
+IMAGENET_STAGES: dict[int, tuple[str, tuple[int, ...]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+IMAGENET_PLAIN = (18, 34)  # Table 2 trains plain-18 and plain-34
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)  # Table 6
+CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)  # Fig. 6
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A (Sec. 3.3): identity with stride-2 subsampling and zero-padded extra channels.
+
+    Parameter-free, so a ResNet with option A has exactly the parameters of its plain twin.
+    """
+
+    def __init__(self, stride: int, extra_channels: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.extra_channels = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, extra_channels={self.extra_channels}"
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN(-ReLU) layers forming F(x), merged with the shortcut, then ReLU (Eq. 1 and 2).
+
+    One class covers the basic block of 1-3 3x3 layers and the bottleneck (1x1, 3x3, 1x1).
+    `mapping` says how F(x) and the shortcut s(x) merge: "add" (y = F + s), "none" (plain:
+    y = F), "gated" (y = T F + (1 - T) s, T = sigmoid(1x1 conv of x)), "scaled" (y = F + λ s,
+    λ learned from 1) or "fixed" (y = F + 0.5 s).
+    """
+
+    def __init__(
+        self,
+        in_planes: int,
+        widths: Sequence[int],
+        kernels: Sequence[int],
+        strides: Sequence[int],
+        mapping: str,
+        downsample: nn.Module | None,
+    ) -> None:
+        super().__init__()
+        self.num_layers = len(widths)
+        self.mapping = mapping
+        channels = in_planes
+        for i, (width, k, s) in enumerate(zip(widths, kernels, strides, strict=True), start=1):
+            conv = nn.Conv2d(channels, width, k, stride=s, padding=k // 2, bias=False)
+            setattr(self, f"conv{i}", conv)
+            setattr(self, f"bn{i}", nn.BatchNorm2d(width))
+            channels = width
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        if mapping == "gated":
+            # Highway-style transform gate; zero weights and a negative bias open it to 0.047.
+            self.gate = nn.Conv2d(in_planes, channels, 1, stride=max(strides), bias=True)
+        if mapping == "scaled":
+            self.shortcut_scale = nn.Parameter(torch.ones(()))
+
+    def reset_gate(self) -> None:
+        if self.mapping == "gated":
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, GATE_BIAS)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for i in range(1, self.num_layers + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            if i < self.num_layers:
+                out = self.relu(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual(x)
+        if self.mapping == "none":
+            return self.relu(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if self.mapping == "gated":
+            t = torch.sigmoid(self.gate(x))
+            out = t * out + (1 - t) * shortcut
+        elif self.mapping == "scaled":
+            out = out + self.shortcut_scale * shortcut
+        elif self.mapping == "fixed":
+            out = out + FIXED_SCALE * shortcut
+        else:
+            out = out + shortcut
+        return self.relu(out)
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module):
+    """During checkpoint recomputation, keep BN running statistics from updating a second time."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+class _RecomputeContexts:
+    """context_fn for torch.utils.checkpoint: plain forward, BN-frozen recomputation."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self):
+        return contextlib.nullcontext(), _frozen_bn_stats(self.block)
+
+
+class ResNet(nn.Module):
+    """Stem, stages of residual (or plain) blocks, global average pooling, fully connected."""
+
+    def __init__(
+        self,
+        *,
+        stem: str,
+        stage_blocks: Sequence[int],
+        stage_widths: Sequence[int],
+        block_kind: str,
+        layers_per_block: int,
+        mapping: str,
+        projection: str,
+        layout: str,
+        num_classes: int,
+        in_channels: int,
+        zero_init_residual: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
+        width0 = stage_widths[0]
+        if stem == "cifar":  # Sec. 4.2: one 3x3 conv, 16 filters
+            self.conv1 = nn.Conv2d(in_channels, width0, 3, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:  # Table 1: 7x7/2 conv 64, then 3x3/2 max pool
+            self.conv1 = nn.Conv2d(in_channels, width0, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(width0)
+        self.relu = nn.ReLU(inplace=True)
+
+        planes_in = width0
+        self.num_stages = len(stage_blocks)
+        for s, (n, width) in enumerate(zip(stage_blocks, stage_widths, strict=True), start=1):
+            blocks = []
+            for i in range(n):
+                # Sec. 3.4/4.2: the first block of stages 2.. subsamples with stride 2.
+                stride = 2 if (s > 1 and i == 0) else 1
+                block = _make_block(
+                    planes_in, width, stride, block_kind, layers_per_block, mapping,
+                    projection, layout,
+                )
+                blocks.append(block)
+                planes_in = block_out_channels(block)
+            setattr(self, f"layer{s}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(planes_in, num_classes)
+        self.num_features = planes_in
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # He et al. 2015 init, as the paper (Sec. 3.4) and fb.resnet.torch / torchvision.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResidualBlock):
+                m.reset_gate()
+                if zero_init_residual and m.mapping != "none":
+                    nn.init.zeros_(getattr(m, f"bn{m.num_layers}").weight)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{s}") for s in range(1, self.num_stages + 1)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                for block in stage:
+                    x = checkpoint(
+                        block, x, use_reentrant=False, context_fn=_RecomputeContexts(block)
+                    )
+            else:
+                x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def block_out_channels(block: ResidualBlock) -> int:
+    return getattr(block, f"conv{block.num_layers}").out_channels
+
+
+def _make_block(
+    in_planes: int,
+    planes: int,
+    stride: int,
+    kind: str,
+    layers: int,
+    mapping: str,
+    projection: str,
+    layout: str,
+) -> ResidualBlock:
+    if kind == "bottleneck":  # Fig. 5 right: 1x1 reduce, 3x3, 1x1 restore (x4)
+        widths, kernels = (planes, planes, 4 * planes), (1, 3, 1)
+        # v1 (paper): stride on the first 1x1; v1.5 (torchvision): stride on the 3x3.
+        strides = (stride, 1, 1) if layout == "v1" else (1, stride, 1)
+    else:
+        widths, kernels = (planes,) * layers, (3,) * layers
+        strides = (stride,) + (1,) * (layers - 1)
+    out = widths[-1]
+    grows = stride != 1 or in_planes != out
+    downsample: nn.Module | None = None
+    if mapping != "none":
+        if projection == "C" or (projection == "B" and grows):
+            downsample = nn.Sequential(
+                nn.Conv2d(in_planes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
+            )
+        elif projection == "A" and grows:
+            downsample = ZeroPadShortcut(stride, out - in_planes)
+    return ResidualBlock(in_planes, widths, kernels, strides, mapping, downsample)
+
+
+_NAME = re.compile(r"^(cifar_)?(resnet|plain)(\d+)$")
+
+
+def list_models() -> list[str]:
+    """The paper's named networks (any CIFAR depth 6n+2 also builds, e.g. `resnet8`)."""
+    names = [f"resnet{d}" for d in CIFAR_DEPTHS] + [f"plain{d}" for d in CIFAR_PLAIN_DEPTHS]
+    names += [f"resnet{d}" for d in IMAGENET_STAGES] + [f"plain{d}" for d in IMAGENET_PLAIN]
+    return names
+
+
+def model_family(name: str) -> str:
+    """"cifar" or "imagenet" for a valid model name."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(_unknown(name))
+    prefix, _, depth = m.groups()
+    return "imagenet" if prefix is None and int(depth) in IMAGENET_STAGES else "cifar"
+
+
+def _unknown(name: str) -> str:
+    return (
+        f"unknown model {name!r}; valid names: {', '.join(list_models())}, or resnetN / plainN "
+        "for any CIFAR depth N = 6n+2 (e.g. resnet8); prefix cifar_ for a CIFAR net whose depth "
+        "collides with an ImageNet one (cifar_resnet50)"
+    )
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_channels: int = 3,
+    shortcut: str | None = None,
+    layout: str | None = None,
+    layers_per_block: int | None = None,
+    zero_init_residual: bool = False,
+    gradient_checkpointing: bool = False,
+) -> ResNet:
+    """Build a network of the paper by name.
+
+    CIFAR family (`resnet20` ... `resnet1202`, any `resnetN` with N = 6n+2, `plainN`): 32x32
+    inputs, 10 classes, shortcut option A. ImageNet family (`resnet18/34/50/101/152`,
+    `plain18/34`): 224x224 inputs, 1000 classes, option B. `shortcut` is one of
+    "A" | "B" | "C" | "gated" | "scaled" | "fixed" | "none"; `layout` "v1" (paper) or "v1.5"
+    (torchvision: stride on the bottleneck's 3x3); `layers_per_block` 1, 2 or 3 for basic blocks
+    (CIFAR nets keep their depth by changing n), 3 for bottlenecks.
+    """
+    m = _NAME.match(name) if isinstance(name, str) else None
+    if m is None:
+        raise ValueError(_unknown(str(name)))
+    prefix, kind, depth_str = m.groups()
+    depth = int(depth_str)
+    family = model_family(name)
+    plain = kind == "plain"
+    if plain and family == "imagenet" and depth not in IMAGENET_PLAIN:
+        raise ValueError(
+            f"unknown model {name!r}: ImageNet plain nets are plain18 and plain34 (Table 2)"
+        )
+
+    if shortcut is None:
+        shortcut = "none" if plain else ("A" if family == "cifar" else "B")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut {shortcut!r}; valid: {', '.join(SHORTCUTS)}")
+    if plain and shortcut != "none":
+        raise ValueError(f"{name} is a plain net (no shortcuts); use shortcut='none' or omit it")
+    if layout is None:
+        layout = "v1"
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    if num_classes is None:
+        num_classes = 10 if family == "cifar" else 1000
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+
+    # Research mappings keep the family's projection where dimensions grow (A on CIFAR, B on
+    # ImageNet); options A/B/C are themselves the projection choice.
+    if shortcut in ("A", "B", "C"):
+        mapping, projection = "add", shortcut
+    else:
+        mapping, projection = shortcut, ("A" if family == "cifar" else "B")
+
+    if family == "cifar":
+        k = 2 if layers_per_block is None else layers_per_block
+        if k not in (1, 2, 3):
+            raise ValueError(
+                f"layers_per_block must be 1, 2 or 3 for CIFAR basic blocks, got {k!r}"
+            )
+        if (depth - 2) % (3 * k) != 0 or depth <= 2:
+            if k == 2:
+                raise ValueError(
+                    f"depth {depth} of {name!r} is not 6n+2; valid CIFAR depths: 8, 14, 20, 26, "
+                    f"32, ... (6n+2), e.g. {', '.join(map(str, CIFAR_DEPTHS))}"
+                )
+            raise ValueError(
+                f"depth {depth} of {name!r} does not fit {k}-layer blocks: with "
+                f"layers_per_block={k} the depth must be {3 * k}n+2 (three stages of n blocks)"
+            )
+        n = (depth - 2) // (3 * k)
+        return ResNet(
+            stem="cifar", stage_blocks=(n, n, n), stage_widths=(16, 32, 64), block_kind="basic",
+            layers_per_block=k, mapping=mapping, projection=projection, layout=layout,
+            num_classes=num_classes, in_channels=in_channels,
+            zero_init_residual=zero_init_residual, gradient_checkpointing=gradient_checkpointing,
+        )
+
+    block_kind, stage_blocks = IMAGENET_STAGES[depth]
+    needed = 3 if block_kind == "bottleneck" else 2
+    k = needed if layers_per_block is None else layers_per_block
+    if k != needed:
+        raise ValueError(
+            f"layers_per_block={layers_per_block!r} does not fit {name}: its {block_kind} blocks "
+            f"have exactly {needed} conv layers (Table 1); use a CIFAR net to vary it"
+        )
+    return ResNet(
+        stem="imagenet", stage_blocks=stage_blocks, stage_widths=(64, 128, 256, 512),
+        block_kind=block_kind, layers_per_block=k, mapping=mapping, projection=projection,
+        layout=layout, num_classes=num_classes, in_channels=in_channels,
+        zero_init_residual=zero_init_residual, gradient_checkpointing=gradient_checkpointing,
+    )

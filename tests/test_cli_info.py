@@ -1,0 +1,26 @@
+import json
+
+from reslab.cli import main
+
+
+def test_info_json_and_text(capsys):
+    assert main(["info", "resnet56", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == 853_018 and info["stages"]["conv4_x"] == [64, 8, 8]
+    assert main(["info", "resnet50", "--input-size", "448"]) == 0
+    out = capsys.readouterr().out
+    assert "25,557,032" in out and "14x14, 2048" in out
+
+
+def test_info_all_lists_every_model(capsys):
+    assert main(["info", "--all"]) == 0
+    out = capsys.readouterr().out
+    for name in ["resnet20", "resnet1202", "plain110", "resnet152", "plain34"]:
+        assert f"\n{name} " in out
+
+
+def test_info_bad_model_exits_2(capsys):
+    assert main(["info", "resnet9"]) == 2
+    assert "6n+2" in capsys.readouterr().err
+    assert main(["info", "resnet"]) == 2
+    assert "valid names" in capsys.readouterr().err
