@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import models
 
@@ -59,6 +60,94 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .data import load_dataset
+    from .recipes import get_recipe
+    from .train import NonFiniteLoss, RunSpec, TrainingStopped, train
+
+    recipe = get_recipe(args.recipe)
+    overrides = {
+        k: v for k, v in {
+            "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
+            "seed": args.seed, "precision": args.precision, "eval_every": args.eval_every,
+            "checkpoint_every": args.checkpoint_every, "log_every": args.log_every,
+            "val_split": args.val_split, "normalization": args.normalization,
+        }.items() if v is not None
+    }
+    recipe = replace(recipe, **overrides)
+    if args.iterations is not None and args.epochs is not None:
+        raise UsageError("give --iterations or --epochs, not both")
+    if args.iterations is not None:
+        recipe = recipe.with_iterations(args.iterations)
+    data = load_dataset(args.data, val_split=recipe.val_split, seed=0,
+                        skip_bad_images=args.skip_bad_images)
+    if data.skipped_files:
+        print(f"skipped {len(data.skipped_files)} bad images (--skip-bad-images): "
+              + ", ".join(data.skipped_files[:5]) + (" ..." if len(data.skipped_files) > 5 else ""))
+    if args.epochs is not None:
+        recipe = recipe.with_epochs(args.epochs, len(data.train_images))
+    spec = RunSpec(
+        model=args.model, data=_data_spec(args.data), recipe=recipe, shortcut=args.shortcut,
+        layout=args.layout, layers_per_block=args.layers_per_block,
+        zero_init_residual=args.zero_init_residual, in_channels=args.in_channels,
+        num_classes=args.num_classes,
+    )
+    try:
+        summary = train(
+            spec, args.out, data=data, device=args.device, compile_model=args.compile,
+            gradient_checkpointing=args.gradient_checkpointing,
+            progress=False if args.no_progress else None,
+        )
+    except TrainingStopped as e:
+        print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
+              f"same command: reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLoss as e:
+        print(f"reslab train: error: {e}", file=sys.stderr)
+        return 1
+    print(f"final test error {100 * summary['final_test_error']:.2f}% "
+          f"(train error {100 * summary['final_train_error']:.2f}%) after "
+          f"{summary['iterations']} iterations; run folder {args.out}")
+    return 0
+
+
+def _data_spec(data: str) -> str:
+    """Known names stay names; a folder is recorded as its absolute path."""
+    from .data import DATASETS
+
+    return data if data in DATASETS else str(Path(data).resolve())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluate import evaluate
+    from .train import load_trained
+
+    model, mean, std, spec = load_trained(args.run, device=args.device)
+    data = load_dataset(args.data, skip_bad_images=args.skip_bad_images)
+    if data.in_channels != model.conv1.in_channels:
+        raise UsageError(f"{args.data} has {data.in_channels}-channel images but the model takes "
+                         f"{model.conv1.in_channels}")
+    error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
+                           precision=spec.recipe.precision,
+                           memory_format=torch_channels_last())
+    if args.json:
+        print(json.dumps({"test_error": error, "test_loss": loss, "model": spec.model,
+                          "data": args.data, "images": len(data.test_images)}))
+    else:
+        print(f"{spec.model} on {args.data}: test error {100 * error:.2f}%, "
+              f"test loss {loss:.4f} ({len(data.test_images)} images)")
+    return 0
+
+
+def torch_channels_last():
+    import torch
+
+    return torch.channels_last
+
+
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -79,6 +168,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     _model_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a model with the paper's recipe")
+    p.add_argument("model", help="e.g. resnet20, plain56, resnet110")
+    p.add_argument("--data", required=True,
+                   help="fashion-mnist, mnist, cifar10, cifar100, or an ImageFolder folder")
+    p.add_argument("--out", required=True, type=Path, help="run folder (resumed if unfinished)")
+    p.add_argument("--recipe", default="cifar10", help="named recipe (cifar10, quick)")
+    p.add_argument("--iterations", type=int, help="scale the schedule to N iterations")
+    p.add_argument("--epochs", type=float, help="the same in epochs of the training set")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--eval-every", type=int, help="evaluate every K iterations")
+    p.add_argument("--log-every", type=int, help="log training error every K (0: 1%% of run)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every K iterations")
+    p.add_argument("--val-split", type=int, help="hold out N training images for validation")
+    p.add_argument("--normalization", choices=("pixel", "channel"))
+    p.add_argument("--in-channels", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--zero-init-residual", action="store_true")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (ResNet-1202 in 24 GB)")
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    _model_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test error of a trained run")
+    p.add_argument("run", type=Path, help="run folder or model.safetensors")
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""Atomic checkpoints with retention, loading that cannot run code, safetensors weights.
+
+A checkpoint is written to a temporary file in the same folder, flushed, fsynced and renamed, so
+a kill at any moment leaves either the old file or the new one, never half of one. The last
+`keep` checkpoints are kept; if the newest cannot be read, resume falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_GLOB = "checkpoint-*.pt"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """An unreadable, truncated or unsafe checkpoint or weights file."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run folder, oldest first."""
+    return sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write the checkpoint of iteration `step` atomically; keep the newest `keep` (>= 2)."""
+    path = checkpoint_path(run_dir, step)
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in list_checkpoints(run_dir)[: -max(keep, 2)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def safe_load(path: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True), no fallback: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {first} (reslab loads only tensors and plain data; "
+            "it never runs code from a checkpoint)"
+        ) from e
+
+
+def load_latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint, falling back (with a warning naming both) past bad ones."""
+    candidates = list_checkpoints(run_dir)[::-1]
+    failed: list[Path] = []
+    for path in candidates:
+        try:
+            state = safe_load(path)
+        except CheckpointError as e:
+            failed.append(path)
+            last_error = e
+            continue
+        if failed:
+            warnings.warn(
+                f"checkpoint {failed[0]} is unreadable ({last_error}); resuming from {path}",
+                stacklevel=2,
+            )
+        return state, path
+    if failed:
+        raise CheckpointError(
+            f"no readable checkpoint in {run_dir}: {', '.join(map(str, failed))} failed to load; "
+            "delete the run folder to start over"
+        )
+    return None
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Final weights as safetensors; `metadata` (model, options, normalisation) as JSON."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {"reslab": json.dumps(metadata)}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and reslab metadata from a safetensors file written by save_weights."""
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read weights {path}: {e}") from e
+    return tensors, json.loads(meta["reslab"]) if "reslab" in meta else {}
