@@ -211,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 for usage errors, 0 for --help
+        return int(e.code or 0)
     try:
         return args.func(args)
     except (UsageError, ValueError) as e:

@@ -233,7 +233,7 @@ def train(
     family = model_family(spec.model)  # validates the name before any data is read
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_dict = spec.as_dict()
+    spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
     _check_run_folder(run_dir, spec_dict)
     if (run_dir / WEIGHTS).exists() and (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny data sets written by the tests, never downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reslab.data import Dataset
+
+
+def make_dataset(n_train: int = 96, n_test: int = 40, size: int = 12, classes: int = 3,
+                 channels: int = 1, seed: int = 0) -> Dataset:
+    """Learnable synthetic images: each class is a brightness band plus noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % classes
+        base = (labels.float() + 0.5) / classes * 200
+        noise = torch.randint(0, 56, (n, channels, size, size), generator=g).float()
+        images = (base.view(-1, 1, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
+        return images, labels
+
+    tr, trl = split(n_train)
+    te, tel = split(n_test)
+    return Dataset(name="synthetic", train_images=tr, train_labels=trl, test_images=te,
+                   test_labels=tel, classes=tuple(f"c{i}" for i in range(classes)))
+
+
+def write_image_folder(root: Path, dataset: Dataset) -> Path:
+    """Write a Dataset as PNGs in ImageFolder form (train/, test/, one folder per class)."""
+    for split, images, labels in (("train", dataset.train_images, dataset.train_labels),
+                                  ("test", dataset.test_images, dataset.test_labels)):
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / dataset.classes[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            arr = img.numpy()
+            pil = Image.fromarray(arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1))
+            pil.save(folder / f"{i:05d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data() -> Dataset:
+    return make_dataset()
