@@ -148,6 +148,18 @@ def torch_channels_last():
     return torch.channels_last
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    report = reproduce(
+        args.experiment, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
+        iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
+        report_only=args.report_only, device=args.device,
+    )
+    print(f"report: {report}")
+    return 0
+
+
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -206,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad-images", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reproduce", help="the paper's Table 6, Figure 6 or Figure 7")
+    p.add_argument("experiment", choices=("table6", "fig6", "fig7"))
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--depths", type=int, nargs="+", help="CIFAR depths 6n+2 (e.g. 20 56)")
+    p.add_argument("--iterations", type=int, default=64_000, help="the paper's: 64000")
+    p.add_argument("--seeds", type=int, default=1, help="runs per net (Table 6: best, mean±std)")
+    p.add_argument("--runs", type=Path, help="run pool shared between studies (default OUT/runs)")
+    p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

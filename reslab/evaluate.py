@@ -51,3 +51,53 @@ def evaluate(
         model.train(was_training)
     n = len(images)
     return wrong / n, loss_sum / n
+
+
+@torch.no_grad()
+def layer_responses(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor | None,
+    *,
+    batch_size: int = 500,
+) -> list[float]:
+    """Fig. 7: the std of each 3x3 layer's response after BN and before ReLU/addition, on
+    `images`, in layer order. Per channel over images and positions, then averaged over
+    channels (BN gives each channel its own scale). fp32, eval mode, forward hooks."""
+    from .models import ResidualBlock
+
+    bns: list[nn.Module] = []
+    if model.conv1.kernel_size == (3, 3):  # the CIFAR stem is a 3x3 layer too
+        bns.append(model.bn1)
+    for m in model.modules():
+        if isinstance(m, ResidualBlock):
+            for i in range(1, m.num_layers + 1):
+                if getattr(m, f"conv{i}").kernel_size == (3, 3):
+                    bns.append(getattr(m, f"bn{i}"))
+    sums: list[list[torch.Tensor]] = [[] for _ in bns]
+
+    def hook(index: int):
+        def fn(_m, _i, out):
+            x = out.detach().double()
+            sums[index].append(torch.stack([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)),
+                                            torch.full_like(x[0, :, 0, 0], x[:, 0].numel())]))
+        return fn
+
+    handles = [bn.register_forward_hook(hook(i)) for i, bn in enumerate(bns)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(images), batch_size):
+            model(normalize(images[start : start + batch_size].to(device), mean, std))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = []
+    for acc in sums:
+        total, squares, count = torch.stack(acc).sum(0)
+        var = (squares / count - (total / count).square()).clamp_min(0)
+        out.append(var.sqrt().mean().item())
+    return out

@@ -1,0 +1,98 @@
+"""`reslab reproduce` end to end on a tiny configuration: reports, summaries, valid plots,
+--report-only, and resuming an interrupted study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import make_dataset, write_image_folder
+from reslab import reproduce as rp
+from reslab.cli import main
+from reslab.train import TrainingStopped
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data"), make_dataset(n_train=64, n_test=24))
+
+
+def _png_ok(path: Path) -> None:
+    assert path.stat().st_size > 1000
+    with Image.open(path) as im:
+        im.verify()
+        assert im.size[0] > 300
+
+
+@pytest.mark.parametrize("kind", ["table6", "fig6", "fig7"])
+def test_reproduce_end_to_end_and_report_only(tmp_path, folder, kind, monkeypatch):
+    monkeypatch.setattr(rp, "study_recipe", _tiny_recipe)
+    out = tmp_path / kind
+    seeds = "2" if kind == "table6" else "1"
+    args = ["reproduce", kind, "--data", str(folder), "--out", str(out), "--depths", "8", "14",
+            "--iterations", "12", "--seeds", seeds]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    nets = 2 if kind == "table6" else 4
+    assert len(summary) == nets * int(seeds)
+    for entry in summary:
+        for key in ("model", "depth", "plain", "shortcut", "iterations", "params",
+                    "final_train_error", "final_test_error", "seed"):
+            assert key in entry
+    assert "ResNet-14" in report and "final iteration" in report
+    if kind == "table6":
+        assert " ± " in report  # best (mean ± std) over two seeds
+    if kind == "fig6":
+        _png_ok(out / "fig6.png")
+        assert "degradation" in report and "the cure" in report
+    if kind == "fig7":
+        _png_ok(out / "fig7.png")
+        responses = json.loads((out / "responses.json").read_text())
+        assert len(responses["ResNet-14"]) == 1 + 12  # the stem and every 3x3 layer
+    (out / "report.md").unlink()
+    (out / "summary.json").unlink()
+    assert main([*args, "--report-only"]) == 0
+    assert (out / "report.md").read_text() == report
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def _tiny_recipe(iterations, seed, base=None):
+    from dataclasses import replace
+
+    from reslab.recipes import Recipe
+
+    return replace(Recipe().with_iterations(iterations), seed=seed, batch_size=16,
+                   eval_every=4, checkpoint_every=4, log_every=1)
+
+
+def test_interrupted_study_resumes_where_it_stopped(tmp_path, folder, monkeypatch, capsys):
+    """SIGTERM in the middle of the second run: the study stops, and a rerun reuses the first
+    run and resumes the second from its checkpoint."""
+    import signal
+
+    import reslab.train as tr
+
+    monkeypatch.setattr(rp, "study_recipe", _tiny_recipe)
+    real_aug, calls = tr.pad_crop_flip, []
+
+    def augment_then_stop(*a, **kw):
+        calls.append(1)
+        if len(calls) == 12 + 6:  # iteration 6 of the second run
+            signal.raise_signal(signal.SIGTERM)
+        return real_aug(*a, **kw)
+
+    monkeypatch.setattr(tr, "pad_crop_flip", augment_then_stop)
+    with pytest.raises(TrainingStopped) as stopped:
+        rp.reproduce("fig6", data=str(folder), out_dir=tmp_path, depths=(8, 14), iterations=12)
+    assert stopped.value.step == 6
+    monkeypatch.setattr(tr, "pad_crop_flip", real_aug)
+    capsys.readouterr()
+    rp.reproduce("fig6", data=str(folder), out_dir=tmp_path, depths=(8, 14), iterations=12)
+    out = capsys.readouterr().out
+    assert out.count("is finished") == 1  # the first run is reused, not retrained
+    assert "from checkpoint-00000006.pt (iteration 6/12)" in out
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 4
