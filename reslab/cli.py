@@ -160,6 +160,58 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.mode == "train":
+        r = bench.bench_train(args.model, batch_size=args.batch_size or 128, steps=args.steps,
+                              input_size=args.input_size, in_channels=args.in_channels,
+                              compile_model=not args.no_compile, ablation=not args.no_ablation)
+    else:
+        r = bench.bench_infer(args.model, batch_size=args.batch_size or 1,
+                              input_size=args.input_size, in_channels=args.in_channels,
+                              compile_model=not args.no_compile)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['model']} {args.mode}, batch {r['batch_size']}, {r['input_size']}x"
+          f"{r['input_size']}")
+    if args.mode == "infer":
+        for k, v in r["paths"].items():
+            print(f"  {k:<34} {v['images_per_second']:>9.1f} img/s  x{v['gain']:.2f}")
+        print(f"  best: {r['best_path']}, x{r['ratio']:.2f} eager fp32; BN folding max abs "
+              f"error {r['folding_max_abs_error']:.1e}")
+        return 0
+    print(f"  reslab end to end      {r['images_per_second']:>8.0f} img/s "
+          f"(warm-up incl. compile {r['warmup_s']:.1f} s)")
+    print(f"  tutorial end to end    {r['reference_images_per_second']:>8.0f} img/s   "
+          f"ratio x{r['ratio']:.2f}")
+    print(f"  reslab model only      {r['model_only_images_per_second']:>8.0f} img/s")
+    print(f"  eager fp32 model only  {r['reference_model_only_images_per_second']:>8.0f} img/s"
+          f"   ratio x{r['model_only_ratio']:.2f}")
+    print(f"  peak probe: fp32 {r['peak_fp32_madds_per_s'] / 1e9:.0f}, bf16 "
+          f"{r['peak_bf16_madds_per_s'] / 1e9:.0f} G multiply-adds/s; achieved "
+          f"{r['achieved_madds_per_s'] / 1e9:.0f} G = {100 * r['peak_fraction']:.0f}% of bf16")
+    print("  step split (reslab): " + ", ".join(
+        f"{k} {100 * v:.1f}%" for k, v in r["step_split"].items()))
+    print("  step split (tutorial): " + ", ".join(
+        f"{k} {100 * v:.1f}%" for k, v in r["reference_step_split"].items()))
+    for k, v in r.get("ablation_model_only", {}).items():
+        print(f"  ablation {k:<28} {v['images_per_second']:>8.0f} img/s  x{v['gain']:.2f}")
+    if "ablation_data" in r:
+        gain = r["ablation_data"]["gain"]
+        print(f"  ablation batched augmentation (end to end, fp32) x{gain:.2f}")
+        gain = r["ablation_threads"]["gain"]
+        print(f"  ablation threads {torch_threads()} vs 1       x{gain:.2f}")
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -230,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("bench", help="training or inference speed vs a plain reference")
+    p.add_argument("mode", choices=("train", "infer"))
+    p.add_argument("model")
+    p.add_argument("--batch-size", type=int, help="default 128 (train), 1 (infer)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per setup (train)")
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

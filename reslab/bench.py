@@ -1,0 +1,323 @@
+"""`reslab bench`: training and inference speed, every figure a ratio taken in the same run.
+
+These machines are shared and noisy: absolute times drift, ratios measured side by side hold.
+The reference is the trainer a user writes from the PyTorch CIFAR tutorial: eager fp32, NCHW,
+torchvision transforms per sample (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
+Normalize) through a DataLoader with 2 workers, same model, batch size and optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .complexity import describe
+from .data import normalize, pad_crop_flip
+from .evaluate import autocast
+from .models import build_model
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way to run a training step."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    batched_aug: bool = True  # reslab's tensor augmentation (else torchvision per sample)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """Achievable multiply-adds/s of a large square matrix product in `dtype` (the peak probe)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return reps * n**3 / (time.perf_counter() - t0)
+
+
+def _images(n: int, channels: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+class _TutorialDataset(torch.utils.data.Dataset):
+    """CIFAR-style dataset that hands out PIL images, as torchvision.datasets.CIFAR10 does."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        self.images = images.permute(0, 2, 3, 1).numpy()
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        arr = self.images[i]
+        img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        return self.transform(img), self.labels[i]
+
+
+def tutorial_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                    size: int, workers: int = 2):
+    import torchvision.transforms as T
+
+    c = images.shape[1]
+    transform = T.Compose([
+        T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+        T.Normalize((0.5,) * c, (0.25,) * c),
+    ])
+    ds = _TutorialDataset(images, labels, transform)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
+def _model(name: str, channels: int, setup: Setup) -> tuple[nn.Module, Callable]:
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=channels, num_classes=10)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, (torch.compile(model) if setup.compile else model)
+
+
+def _step_fn(model, forward, setup: Setup):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    dev = torch.device("cpu")
+    fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
+
+    def step(x: torch.Tensor, y: torch.Tensor, timings: dict[str, list[float]] | None = None):
+        t0 = time.perf_counter()
+        x = x.contiguous(memory_format=fmt)
+        with autocast(dev, setup.precision):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        if timings is not None:
+            timings["forward"].append(t1 - t0)
+            timings["backward"].append(t2 - t1)
+            timings["optimizer"].append(t3 - t2)
+        return loss
+
+    return step
+
+
+def _batched_batches(images, labels, batch_size: int, pad: int):
+    """reslab's data path: uint8 in memory, normalise and augment whole batches."""
+    mean = images[:1024].float().mean(0) / 255
+    n, i = len(images), 0
+    while True:
+        idx = torch.randint(0, n, (batch_size,), generator=torch.Generator().manual_seed(i))
+        x = normalize(images[idx], mean)
+        x = pad_crop_flip(x, pad, torch.Generator().manual_seed(i + 1))
+        yield x, labels[idx]
+        i += 1
+
+
+def time_training(name: str, images, labels, setup: Setup, batch_size: int, steps: int,
+                  warmup: int = 3, model_only: bool = False) -> dict[str, Any]:
+    """Steady-state images/s of one setup; warm-up (and compile) time reported apart."""
+    model, forward = _model(name, images.shape[1], setup)
+    step = _step_fn(model, forward, setup)
+    size = images.shape[-1]
+    if model_only:
+        x0, y0 = images[:batch_size].float().div(255), labels[:batch_size]
+        batches = iter(lambda: (x0, y0), None)
+        loader = None
+    elif setup.batched_aug:
+        batches, loader = _batched_batches(images, labels, batch_size, 4), None
+    else:
+        loader = tutorial_loader(images, labels, batch_size, size)
+        batches = _forever(loader)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(*next(batches))
+    warm = time.perf_counter() - t0
+    timings: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        td = time.perf_counter()
+        x, y = next(batches)
+        timings["data"].append(time.perf_counter() - td)
+        step(x, y, timings)
+    total = time.perf_counter() - t0
+    del loader
+    split = {k: sum(v) / total for k, v in timings.items()}
+    return {"images_per_second": steps * batch_size / total, "warmup_s": warm,
+            "step_split": split}
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size: int | None = None,
+                in_channels: int = 3, compile_model: bool = True,
+                ablation: bool = True) -> dict[str, Any]:
+    """reslab's default path vs the tutorial reference, peak fraction, step split, ablation."""
+    info = describe(name, input_size=input_size, in_channels=in_channels)
+    size = info.input_size
+    images, labels = _images(max(4 * batch_size, 2048), in_channels, size)
+    peak_fp32, peak_bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    best = Setup(precision="bf16", channels_last=True, compile=compile_model, batched_aug=True)
+    ref = Setup()
+    out: dict[str, Any] = {"model": name, "batch_size": batch_size, "input_size": size,
+                           "steps": steps, "threads": torch.get_num_threads(),
+                           "multiply_adds_per_image": info.multiply_adds,
+                           "peak_fp32_madds_per_s": peak_fp32, "peak_bf16_madds_per_s": peak_bf16}
+    ours = time_training(name, images, labels, best, batch_size, steps)
+    ours_model = time_training(name, images, labels, best, batch_size, steps, model_only=True)
+    ref_e2e = time_training(name, images, labels, Setup(batched_aug=False), batch_size, steps)
+    ref_model = time_training(name, images, labels, ref, batch_size, steps, model_only=True)
+    out.update({
+        "images_per_second": ours["images_per_second"],
+        "warmup_s": ours["warmup_s"],
+        "step_split": ours["step_split"],
+        "model_only_images_per_second": ours_model["images_per_second"],
+        "reference_images_per_second": ref_e2e["images_per_second"],
+        "reference_step_split": ref_e2e["step_split"],
+        "reference_model_only_images_per_second": ref_model["images_per_second"],
+    })
+    out["ratio"] = out["images_per_second"] / out["reference_images_per_second"]
+    out["model_only_ratio"] = (out["model_only_images_per_second"]
+                               / out["reference_model_only_images_per_second"])
+    # Training costs ~3x the forward multiply-adds (forward, two backward products).
+    achieved = 3 * info.multiply_adds * out["model_only_images_per_second"]
+    out["achieved_madds_per_s"] = achieved
+    out["peak_fraction"] = achieved / peak_bf16
+    out["peak_fraction_fp32"] = achieved / peak_fp32
+    if ablation:
+        base = ref_model["images_per_second"]
+        rows = {"eager fp32 NCHW (baseline)": base}
+        for label, setup in (("bf16 autocast", Setup(precision="bf16")),
+                             ("channels_last", Setup(channels_last=True)),
+                             ("torch.compile", Setup(compile=True))):
+            if setup.compile and not compile_model:
+                continue
+            rows[label] = time_training(name, images, labels, setup, batch_size, steps,
+                                        model_only=True)["images_per_second"]
+        out["ablation_model_only"] = {k: {"images_per_second": v, "gain": v / base}
+                                      for k, v in rows.items()}
+        # Data: batched tensor augmentation vs per-sample torchvision, same eager fp32 model.
+        batched = time_training(name, images, labels, Setup(batched_aug=True), batch_size,
+                                steps)
+        out["ablation_data"] = {
+            "per-sample torchvision + DataLoader(2 workers)": ref_e2e["images_per_second"],
+            "batched tensor augmentation": batched["images_per_second"],
+            "gain": batched["images_per_second"] / ref_e2e["images_per_second"],
+        }
+        with _threads(1):
+            one = time_training(name, images, labels, Setup(), batch_size, max(steps // 2, 3),
+                                model_only=True)["images_per_second"]
+        out["ablation_threads"] = {"1 thread": one, f"{torch.get_num_threads()} threads": base,
+                                   "gain": base / one}
+    return out
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A copy for inference with every BatchNorm folded into the conv before it."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from .models import ResidualBlock
+
+    m = copy.deepcopy(model).eval()
+
+    def fold(owner: nn.Module, conv_name: str, bn_name: str) -> None:
+        setattr(owner, conv_name, fuse_conv_bn_eval(getattr(owner, conv_name),
+                                                    getattr(owner, bn_name)))
+        setattr(owner, bn_name, nn.Identity())
+
+    fold(m, "conv1", "bn1")
+    for block in m.modules():
+        if isinstance(block, ResidualBlock):
+            for i in range(1, block.num_layers + 1):
+                fold(block, f"conv{i}", f"bn{i}")
+            if isinstance(block.downsample, nn.Sequential):
+                fold(block.downsample, "0", "1")
+    return m
+
+
+def time_inference(forward: Callable, x: torch.Tensor, precision: str,
+                   seconds: float = 2.0) -> float:
+    """Median images/s over repeated calls, after warm-up."""
+    dev = torch.device("cpu")
+    with torch.no_grad(), autocast(dev, precision):
+        for _ in range(3):
+            forward(x)
+        times, t_end = [], time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(times) < 5:
+            t0 = time.perf_counter()
+            forward(x)
+            times.append(time.perf_counter() - t0)
+    return len(x) / statistics.median(times)
+
+
+def bench_infer(name: str, *, batch_size: int = 1, input_size: int | None = None,
+                in_channels: int = 3, compile_model: bool = True) -> dict[str, Any]:
+    """Eager fp32 vs bf16, BN folding, channels_last and compile, at one batch size."""
+    info = describe(name, input_size=input_size, in_channels=in_channels)
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=in_channels).eval()
+    x = torch.randn(batch_size, in_channels, info.input_size, info.input_size)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    folded = fold_bn(model).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        err = (folded(xl) - model(x)).abs().max().item()
+    rows = {"eager fp32": time_inference(model, x, "fp32")}
+    rows["bf16"] = time_inference(model, x, "bf16")
+    rows["BN folded + channels_last fp32"] = time_inference(folded, xl, "fp32")
+    rows["BN folded + channels_last bf16"] = time_inference(folded, xl, "bf16")
+    if compile_model:
+        t0 = time.perf_counter()
+        compiled = torch.compile(folded)
+        time_inference(compiled, xl, "fp32", seconds=0.1)
+        compile_s = time.perf_counter() - t0
+        rows["BN folded + compile fp32"] = time_inference(compiled, xl, "fp32")
+        t0 = time.perf_counter()
+        compiled_bf16 = torch.compile(copy.deepcopy(folded))
+        time_inference(compiled_bf16, xl, "bf16", seconds=0.1)
+        compile_s += time.perf_counter() - t0
+        rows["BN folded + compile bf16"] = time_inference(compiled_bf16, xl, "bf16")
+    base = rows["eager fp32"]
+    best = max(rows, key=rows.get)
+    out = {
+        "model": name, "batch_size": batch_size, "input_size": info.input_size,
+        "images_per_second": rows[best], "best_path": best,
+        "reference_images_per_second": base, "ratio": rows[best] / base,
+        "folding_max_abs_error": err,
+        "paths": {k: {"images_per_second": v, "gain": v / base} for k, v in rows.items()},
+        "peak_fraction": info.multiply_adds * rows[best] / matmul_peak(torch.bfloat16),
+    }
+    if compile_model:
+        out["compile_s"] = compile_s
+    return out

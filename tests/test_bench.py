@@ -1,0 +1,39 @@
+"""`reslab bench`: the JSON contract, and that the faster inference path computes the same."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from reslab import build_model
+from reslab.bench import fold_bn
+from reslab.cli import main
+
+
+def test_bn_folding_is_exact_enough():
+    torch.manual_seed(0)
+    for name, opts in (("resnet8", {}), ("resnet8", {"shortcut": "C"}), ("resnet50", {})):
+        model = build_model(name, **opts).eval()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(2, 3, 64, 64)
+        folded = fold_bn(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        with torch.no_grad():
+            assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bench_train_and_infer_json(capsys):
+    assert main(["bench", "train", "resnet8", "--steps", "2", "--batch-size", "32",
+                 "--no-compile", "--no-ablation", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("images_per_second", "reference_images_per_second", "ratio", "peak_fraction"):
+        assert r[key] > 0, key
+    assert abs(sum(r["step_split"].values()) - 1) < 0.05
+    assert main(["bench", "infer", "resnet8", "--batch-size", "4", "--no-compile",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ratio"] >= 1 and r["folding_max_abs_error"] < 1e-3
