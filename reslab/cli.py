@@ -212,6 +212,18 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .studies import run_study
+
+    report = run_study(
+        args.study, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
+        iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
+        report_only=args.report_only, device=args.device,
+    )
+    print(f"report: {report}")
+    return 0
+
+
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -282,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("study", help="beyond the paper: block depth, shortcut mappings")
+    p.add_argument("study", choices=("block-depth", "shortcuts"))
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--depths", type=int, nargs="+",
+                   help="total depths (default 56; shortcuts: 56 20)")
+    p.add_argument("--iterations", type=int, default=64_000)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--runs", type=Path, help="run pool shared with reproduce (default OUT/runs)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="training or inference speed vs a plain reference")
     p.add_argument("mode", choices=("train", "infer"))

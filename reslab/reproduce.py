@@ -187,35 +187,43 @@ def claims(results: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot_fig6(results: Sequence[dict[str, Any]], runs_dir: Path, path: Path) -> None:
-    """Fig. 6: training error dashed, test error bold, plain nets left, ResNets right."""
+FIG6_PANELS = (("plain nets", "plain"), ("ResNets", "ResNet"))
+
+
+def plot_fig6(
+    results: Sequence[dict[str, Any]], runs_dir: Path, path: Path,
+    panels: Sequence[tuple[str, str]] = FIG6_PANELS,
+) -> None:
+    """Fig. 6: training error dashed, test error bold; one panel per (title, label prefix),
+    plain nets left and ResNets right by default."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True,
+                             squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, family in zip(axes, ("plain", "ResNet"), strict=True):
-        for i, (label, rs) in enumerate(
-            sorted(((k, v) for k, v in _group(results).items() if k.startswith(family)),
-                   key=lambda kv: kv[1][0]["depth"])
-        ):
+    groups = _group(results)
+    for ax, (title, prefix) in zip(axes[0], panels, strict=True):
+        chosen = sorted(((k, v) for k, v in groups.items() if k.startswith(prefix)),
+                        key=lambda kv: (kv[1][0]["depth"], kv[0]))
+        for i, (label, rs) in enumerate(chosen):
             records = read_metrics(Path(runs_dir) / rs[0]["run"])  # first seed, like the paper
             c = colours[i % len(colours)]
-            steps = [r["step"] for r in records]
-            ax.plot(steps, [100 * r["train_error"] for r in records], "--", color=c,
-                    linewidth=1)
+            ax.plot([r["step"] for r in records], [100 * r["train_error"] for r in records],
+                    "--", color=c, linewidth=1)
             ev = [r for r in records if "test_error" in r]
             ax.plot([r["step"] for r in ev], [100 * r["test_error"] for r in ev], "-", color=c,
                     linewidth=2.2, label=label)
-        ax.set_title(f"{family} nets" if family == "plain" else "ResNets")
+        ax.set_title(title)
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel("error (%)  — dashed: training, bold: test")
+        if chosen:
+            ax.legend()
+    axes[0][0].set_ylabel("error (%)  — dashed: training, bold: test")
     top = max(100 * r["final_train_error"] for r in results) if results else 20
-    axes[0].set_ylim(0, max(20.0, min(100.0, 2.5 * top)))
+    axes[0][0].set_ylim(0, max(20.0, min(100.0, 2.5 * top)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

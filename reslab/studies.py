@@ -1,0 +1,183 @@
+"""Beyond the paper: the seed's two open questions as studies (PAPER.md, last section).
+
+1. block-depth: residual functions of 1, 2 and 3 conv layers at a matched total depth of 56
+   weighted layers (18, 9 and 6 blocks per stage), each beside its plain twin.
+2. shortcuts: identity with zero padding (A), projection where needed (B), projection everywhere
+   (C), gated (highway-like), learned scalar, fixed 0.5 scaling, and none (plain).
+
+They reuse reproduce.py's run pool, reports and plots; an arm whose configuration equals a run
+of another study (ResNet-56 with option A, plain-56) is the same run folder and trains once.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .complexity import describe
+from .data import Dataset, load_dataset, normalize
+from .models import ResidualBlock
+from .reproduce import (
+    Arm,
+    compute_responses,
+    plot_fig6,
+    run_arms,
+    runs_table,
+    seed_stats,
+    study_recipe,
+    write_outputs,
+)
+from .train import RunSpec, load_trained
+
+SHORTCUT_ARMS = {
+    "A": "identity, zero-padding where dimensions grow (A)",
+    "B": "projection where dimensions grow (B)",
+    "C": "projection on every shortcut (C)",
+    "gated": "gated, highway-like",
+    "scaled": "learned scalar λ",
+    "fixed": "fixed scaling 0.5",
+    "none": "none (plain)",
+}
+STUDIES = ("block-depth", "shortcuts")
+
+
+def canonical(spec: RunSpec) -> RunSpec:
+    """Spell a configuration the way `reproduce` does, so identical runs share a folder."""
+    default_shortcut = "none" if spec.model.startswith("plain") else "A"
+    return replace(
+        spec,
+        shortcut=None if spec.shortcut == default_shortcut else spec.shortcut,
+        layers_per_block=None if spec.layers_per_block == 2 else spec.layers_per_block,
+    )
+
+
+def study_arms(study: str, data: str, depths: Sequence[int], iterations: int,
+               seeds: int) -> list[Arm]:
+    arms = []
+    for seed in range(seeds):
+        recipe = study_recipe(iterations, seed)
+        for depth in depths:
+            if study == "block-depth":
+                for k in (1, 2, 3):
+                    for family, name in (("plain", "plain"), ("resnet", "ResNet")):
+                        spec = RunSpec(model=f"{family}{depth}", data=data, recipe=recipe,
+                                       layers_per_block=k)
+                        arms.append(Arm(f"{name}-{depth} k={k}", canonical(spec)))
+            else:
+                for shortcut in SHORTCUT_ARMS:
+                    model = f"plain{depth}" if shortcut == "none" else f"resnet{depth}"
+                    spec = RunSpec(model=model, data=data, recipe=recipe, shortcut=shortcut)
+                    arms.append(Arm(f"d{depth} {shortcut}", canonical(spec)))
+    return arms
+
+
+@torch.no_grad()
+def what_the_network_chose(run_dir: Path, data: Dataset) -> dict[str, Any]:
+    """Per stage: the gates' mean opening T on the test set, or the learned scalars λ."""
+    model, mean, std, _ = load_trained(run_dir)
+    out: dict[str, Any] = {}
+    stages = model.stages()
+    scales = {f"stage{s + 1}": [b.shortcut_scale.item() for b in stage
+                                if isinstance(b, ResidualBlock) and b.mapping == "scaled"]
+              for s, stage in enumerate(stages)}
+    if any(scales.values()):
+        out["lambda_per_stage"] = {k: statistics.mean(v) for k, v in scales.items() if v}
+        out["lambda_per_block"] = scales
+    gates = {f"stage{s + 1}": [b for b in stage if getattr(b, "mapping", "") == "gated"]
+             for s, stage in enumerate(stages)}
+    if any(gates.values()):
+        sums: dict[str, list[float]] = {k: [] for k in gates}
+        handles = []
+        for stage_name, blocks in gates.items():
+            for b in blocks:
+                def hook(_m, _i, o, stage_name=stage_name):
+                    sums[stage_name].append(torch.sigmoid(o).mean().item())
+                handles.append(b.gate.register_forward_hook(hook))
+        try:
+            for start in range(0, len(data.test_images), 500):
+                x = normalize(data.test_images[start : start + 500], mean, std)
+                model(x.contiguous(memory_format=torch.channels_last))
+        finally:
+            for h in handles:
+                h.remove()
+        # T weighs F(x); 1 - T the shortcut: a mean T of 0.1 means 90% carried by the shortcut.
+        out["gate_opening_per_stage"] = {k: statistics.mean(v) for k, v in sums.items() if v}
+    return out
+
+
+def run_study(
+    study: str,
+    *,
+    data: str,
+    out_dir: Path,
+    depths: Sequence[int] | None = None,
+    iterations: int = 64_000,
+    seeds: int = 1,
+    runs_dir: Path | None = None,
+    report_only: bool = False,
+    device: str = "auto",
+) -> Path:
+    """Run a study and write DIR/report.md, DIR/summary.json and its plots."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; valid: {', '.join(STUDIES)}")
+    if seeds < 1 or iterations < 1:
+        raise ValueError("--seeds and --iterations must be >= 1")
+    depths = tuple(depths or ((56,) if study == "block-depth" else (56, 20)))
+    if study == "block-depth" and any((d - 2) % 18 for d in depths):
+        raise ValueError(f"block-depth needs depths 18n+2 (e.g. 20, 56, 110) so that 1-, 2- and "
+                         f"3-layer blocks reach the same depth; got {list(depths)}")
+    out_dir, runs_dir = Path(out_dir), Path(runs_dir or Path(out_dir) / "runs")
+    dataset = load_dataset(data)
+    arms = study_arms(study, data, depths, iterations, seeds)
+    results = run_arms(arms, runs_dir, data=dataset, report_only=report_only, device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["reslab", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else (
+        f"reslab study {study} --data {data} --out {out_dir} --iterations {iterations} "
+        f"--seeds {seeds}")
+    for r in results:
+        spec = next(a.spec for a in arms if a.run_name() == r["run"])
+        info = describe(spec.model, input_size=dataset.image_size[0],
+                        in_channels=dataset.in_channels, num_classes=dataset.num_classes,
+                        shortcut=spec.shortcut, layers_per_block=spec.layers_per_block)
+        r["study_multiply_adds"] = info.multiply_adds
+        r["study_layers_per_block"] = spec.layers_per_block or 2
+        r["study_shortcut"] = spec.shortcut or ("none" if r["plain"] else "A")
+        r["study_choice"] = what_the_network_chose(runs_dir / r["run"], dataset)
+
+    sections = ["## Final errors", "", *runs_table(results), "",
+                "## Cost and what the network chose", "",
+                "| arm | params | multiply-adds / image | final test error % | chosen |",
+                "|---|---|---|---|---|"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["label"], []).append(r)
+    for label, rs in groups.items():
+        choice = rs[0]["study_choice"]
+        chosen = "; ".join(
+            f"{kind.replace('_per_stage', '')}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+            for kind, d in choice.items() if kind.endswith("_per_stage")
+        ) or "—"
+        sections.append(
+            f"| {label} | {rs[0]['params']:,} | {rs[0]['study_multiply_adds'] / 1e6:.1f}M | "
+            f"{seed_stats([r['final_test_error'] for r in rs])} | {chosen} |"
+        )
+    if results:
+        if study == "block-depth":
+            panels = (("plain nets", "plain"), ("ResNets", "ResNet"))
+        else:
+            panels = tuple((f"shortcuts at depth {d}", f"d{d} ") for d in depths)
+        plot_fig6(results, runs_dir, out_dir / "curves.png", panels=panels)
+        responses = compute_responses(results, runs_dir, dataset)
+        (out_dir / "responses.json").write_text(json.dumps(responses, indent=2) + "\n")
+        sections += ["", "![curves](curves.png)", ""]
+    title = {"block-depth": "Study: layers per residual block",
+             "shortcuts": "Study: shortcut mappings"}[study] + f" on {data}"
+    write_outputs(out_dir, title, results, sections, data, command)
+    return out_dir / "report.md"

@@ -1,0 +1,88 @@
+"""`reslab study block-depth | shortcuts` end to end on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import make_dataset, write_image_folder
+from reslab import reproduce as rp
+from reslab.cli import main
+from reslab.models import ResidualBlock
+from reslab.studies import study_arms
+from reslab.train import load_trained
+
+
+def _tiny_recipe(iterations, seed, base=None):
+    from dataclasses import replace
+
+    from reslab.recipes import Recipe
+
+    return replace(Recipe().with_iterations(iterations), seed=seed, batch_size=16,
+                   eval_every=4, checkpoint_every=4, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data"), make_dataset(n_train=48, n_test=16))
+
+
+def test_block_depth_arms_have_intended_layers():
+    arms = study_arms("block-depth", "x", (56,), 100, 1)
+    assert len(arms) == 6
+    from reslab import build_model
+
+    for arm in arms:
+        k = arm.spec.layers_per_block or 2
+        model = build_model(arm.spec.model, layers_per_block=arm.spec.layers_per_block)
+        blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+        assert {b.num_layers for b in blocks} == {k}
+        assert len(blocks) == 3 * 54 // (3 * k)  # depth 56 = 54 conv layers in blocks + 2
+    # ResNet-56 and plain-56 with 2-layer blocks are the reproduce runs, spelled the same way.
+    names = {a.run_name() for a in arms}
+    assert "resnet56-100it-seed0" in names and "plain56-100it-seed0" in names
+
+
+def test_shortcut_arms_reuse_reproduce_runs():
+    names = {a.label: a.run_name() for a in study_arms("shortcuts", "x", (56,), 100, 1)}
+    assert names["d56 A"] == "resnet56-100it-seed0" and names["d56 none"] == "plain56-100it-seed0"
+    assert names["d56 gated"] == "resnet56-gated-100it-seed0"
+
+
+def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
+    monkeypatch.setattr(rp, "study_recipe", _tiny_recipe)
+    import reslab.studies as st
+
+    monkeypatch.setattr(st, "study_recipe", _tiny_recipe)
+    pool = tmp_path / "pool"
+    base = ["--data", str(folder), "--iterations", "8", "--depths", "20", "--runs", str(pool)]
+    assert main(["study", "shortcuts", "--out", str(tmp_path / "sc"), *base]) == 0
+    capsys.readouterr()
+    assert main(["study", "block-depth", "--out", str(tmp_path / "bd"), *base]) == 0
+    out = capsys.readouterr().out
+    assert out.count("is finished") == 2  # ResNet-20 and plain-20 (k=2) were not trained twice
+    assert main(["study", "block-depth", "--out", str(tmp_path / "x"), *base[:-4],
+                 "--depths", "14"]) == 2
+    assert "18n+2" in capsys.readouterr().err
+    for study, arms in (("sc", 7), ("bd", 6)):
+        summary = json.loads((tmp_path / study / "summary.json").read_text())
+        assert len(summary) == arms
+        for e in summary:
+            assert e["final_train_error"] == e["final_train_error"]  # not NaN
+        with Image.open(tmp_path / study / "curves.png") as im:
+            im.verify()
+    report = (tmp_path / "sc" / "report.md").read_text()
+    assert "gate_opening: stage1" in report and "lambda: stage1" in report
+    summary = json.loads((tmp_path / "sc" / "summary.json").read_text())
+    gated = next(e for e in summary if e["label"] == "d20 gated")
+    assert set(gated["study_choice"]["gate_opening_per_stage"]) == {"stage1", "stage2", "stage3"}
+    report_before = report
+    assert main(["study", "shortcuts", "--out", str(tmp_path / "sc"), *base,
+                 "--report-only"]) == 0
+    assert (tmp_path / "sc" / "report.md").read_text() == report_before
+    model, *_ = load_trained(pool / "resnet20-scaled-8it-seed0")
+    lams = [b.shortcut_scale.item() for b in model.modules() if isinstance(b, ResidualBlock)]
+    assert any(abs(v - 1.0) > 1e-6 for v in lams)  # λ received gradient and moved
