@@ -3,10 +3,15 @@
 A checkpoint is written to a temporary file in the same folder, flushed, fsynced and renamed, so
 a kill at any moment leaves either the old file or the new one, never half of one. The last
 `keep` checkpoints are kept; if the newest cannot be read, resume falls back to the one before.
+A write that fails (a full disk, a read-only folder) removes its temporary file and raises a
+CheckpointError naming the file and the reason; the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
 import pickle
@@ -16,14 +21,31 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 WEIGHTS = "model.safetensors"
 
 
 class CheckpointError(ValueError):
-    """An unreadable, truncated or unsafe checkpoint or weights file."""
+    """An unreadable, truncated, unsafe or unwritable checkpoint or weights file."""
+
+
+_WRITE_FAULTS = {
+    errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "not writable", errno.EPERM: "not writable",
+    errno.EROFS: "not writable (read-only file system)",
+}
+
+
+def write_error(path: Path, error: OSError) -> CheckpointError:
+    """A clear error for a failed write: which file, why, and that the run can be resumed."""
+    reason = _WRITE_FAULTS.get(error.errno, error.strerror or type(error).__name__)
+    return CheckpointError(
+        f"cannot write {path}: {reason} ({error}); the previous checkpoint is intact: free space "
+        "or make the folder writable, then rerun the same command to resume"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -37,19 +59,38 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    # Serialised in memory first: a failed write then raises Python's OSError with its errno,
+    # where torch.save and safetensors would report a full disk as an opaque RuntimeError.
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, an unwritable folder: say so, name the file
+            raise write_error(path, e) from e
         raise
     _fsync_dir(path.parent)
+    _remove_stale(path.parent, f".{path.name}.tmp-*")
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Temporary files of killed processes: never read, only in the way."""
+    for stale in folder.glob(pattern):
+        if not stale.name.endswith(f".tmp-{os.getpid()}"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    """A small text file (recipe.json, summary.json), written atomically like a checkpoint."""
+    _atomic_write(path, text.encode())
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -66,9 +107,12 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of iteration `step` atomically; keep the newest `keep` (>= 2)."""
     path = checkpoint_path(run_dir, step)
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _atomic_write(path, buffer.getbuffer())
     for old in list_checkpoints(run_dir)[: -max(keep, 2)]:
         old.unlink(missing_ok=True)
+    _remove_stale(Path(run_dir), f".{CHECKPOINT_GLOB}.tmp-*")
     return path
 
 
@@ -113,7 +157,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
     """Final weights as safetensors; `metadata` (model, options, normalisation) as JSON."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     meta = {"reslab": json.dumps(metadata)}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    _atomic_write(Path(path), safetensors_bytes(tensors, metadata=meta))
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -124,4 +168,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read weights {path}: {e}") from e
-    return tensors, json.loads(meta["reslab"]) if "reslab" in meta else {}
+    try:
+        return tensors, json.loads(meta["reslab"]) if "reslab" in meta else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has malformed reslab metadata (not JSON: {e})") from e

@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec, args.out, data=data, device=args.device, compile_model=args.compile,
             gradient_checkpointing=args.gradient_checkpointing,
             progress=False if args.no_progress else None,
+            skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
         )
     except TrainingStopped as e:
         print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
@@ -111,6 +112,13 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"(train error {100 * summary['final_train_error']:.2f}%) after "
           f"{summary['iterations']} iterations; run folder {args.out}")
     return 0
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
 
 
 def _data_spec(data: str) -> str:
@@ -130,6 +138,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if data.in_channels != model.conv1.in_channels:
         raise UsageError(f"{args.data} has {data.in_channels}-channel images but the model takes "
                          f"{model.conv1.in_channels}")
+    classes = model.fc.out_features  # the training data's, unless --num-classes was given
+    if data.num_classes > classes or (spec.num_classes is None and data.num_classes != classes):
+        raise UsageError(f"{args.data} has {data.num_classes} classes but {args.run} was trained "
+                         f"on {classes}; evaluate it on data with the same classes")
+    if mean.ndim == 3 and tuple(mean.shape[1:]) != data.image_size:
+        raise UsageError(f"{args.data} has {data.image_size[0]}x{data.image_size[1]} images but "
+                         f"{args.run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
+                         "mean); resize the images to the training size")
     error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
                            precision=spec.recipe.precision,
                            memory_format=torch_channels_last())
@@ -271,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (ResNet-1202 in 24 GB)")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--skip-nonfinite", type=_non_negative, default=0, metavar="K",
+                   help="skip steps with a NaN/inf loss, stop after K in a row (0: at the first)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms; two runs write identical metrics.jsonl")
     p.add_argument("--no-progress", action="store_true")
     _model_options(p)
     p.set_defaults(func=cmd_train)

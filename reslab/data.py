@@ -399,7 +399,7 @@ def _load_cifar(name: str, download: bool) -> Dataset:
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _MAX_SIDE = 64  # larger images would not fit in memory as a whole dataset of uint8 tensors
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: 16-bit greyscale scaled to 8 bits, no longer clipped
 _BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
               Image.DecompressionBombWarning)
 
@@ -409,7 +409,9 @@ def _decode_image(path: Path) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is a bad image
         with Image.open(path) as image:
-            gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            if image.mode.startswith("I"):  # 16-bit greyscale PNG: PIL's convert("L") clips it
+                return (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+            gray = image.mode in ("1", "L", "LA", "F")
             return np.asarray(image.convert("L" if gray else "RGB"))
 
 

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import WEIGHTS, load_latest_checkpoint, save_checkpoint, save_weights
+from .checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    load_latest_checkpoint,
+    save_checkpoint,
+    save_weights,
+    write_error,
+    write_text,
+)
 from .data import BatchStream, Dataset, channel_stats, load_dataset, normalize, pad_crop_flip
 from .data import pixel_mean as compute_pixel_mean
 from .evaluate import autocast, evaluate
@@ -163,9 +171,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -186,8 +192,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def check_data_fits(spec: RunSpec, data: Dataset) -> tuple[int, int]:
     """(in_channels, num_classes), or a clear error before any work is done."""
-    in_channels = spec.in_channels or data.in_channels
-    num_classes = spec.num_classes or data.num_classes
+    in_channels = data.in_channels if spec.in_channels is None else spec.in_channels
+    num_classes = data.num_classes if spec.num_classes is None else spec.num_classes
+    if num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1 (got {num_classes}); omit it to follow "
+                         "the data")
     if in_channels != data.in_channels:
         raise ValueError(
             f"--in-channels {in_channels} but {data.name} has {data.in_channels}-channel images; "
@@ -224,8 +233,15 @@ def train(
     tensorboard: bool = True,
     progress: bool | None = None,
     keep_checkpoints: int = 2,
+    skip_nonfinite: int = 0,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume, or report a finished run) and return the run's summary."""
+    """Train (or resume, or report a finished run) and return the run's summary.
+
+    `skip_nonfinite` K > 0 skips a step whose loss is NaN or infinite (no update) and stops after
+    K in a row; 0 stops at the first. `deterministic` uses only deterministic algorithms and
+    leaves wall-clock times out of metrics.jsonl, so two runs write identical bytes.
+    """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     recipe = replace(spec.recipe, precision=resolve_precision(spec.recipe.precision, dev))
@@ -270,20 +286,28 @@ def train(
     stream = BatchStream(len(data.train_images), recipe.batch_size, recipe.seed)
     warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
     recent_errors: deque[float] = deque(maxlen=recipe.warmup_window)
-    step, elapsed = 0, 0.0
+    step, elapsed, nonfinite_in_a_row = 0, 0.0, 0
     window = {"loss": 0.0, "wrong": 0.0, "seen": 0}
     metrics_path = run_dir / "metrics.jsonl"
 
     resumed = load_latest_checkpoint(run_dir)
     if resumed is not None:
         state, path = resumed
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # e.g. the data folder gained a class since the run started
+            raise RunFolderError(
+                f"{path} does not fit {spec.model} with {in_channels} channels and {num_classes} "
+                f"classes as {data.name} now has ({_detail(e)}); restore the data or use a new "
+                "--out"
+            ) from e
         optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
         step, elapsed = state["step"], state["elapsed"]
         warmup = state["warmup"]
         recent_errors.extend(state["recent_errors"])
         window = dict(state["window"])
+        nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         _truncate_metrics(metrics_path, step)
         print(f"resuming {run_dir} from {path.name} (iteration {step}/{recipe.iterations})")
     elif metrics_path.exists():
@@ -306,6 +330,11 @@ def train(
         stop_signal.append(signum)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=recipe.iterations, initial=step, disable=not show, desc=spec.model,
                unit="it", dynamic_ncols=True)
@@ -319,7 +348,7 @@ def train(
             "stream": stream.state_dict(), "step": step,
             "elapsed": time.perf_counter() - t0, "warmup": warmup,
             "recent_errors": list(recent_errors), "window": dict(window),
-            "spec": spec_dict,
+            "nonfinite_in_a_row": nonfinite_in_a_row, "spec": spec_dict,
         }
 
     try:
@@ -333,31 +362,44 @@ def train(
                 x = pad_crop_flip(x, recipe.pad, _augment_generator(recipe.seed, step))
             x = x.contiguous(memory_format=memory_format)
             y = train_labels[idx]
+            # A skipped step leaves the model as it was, BN statistics included.
+            buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else []
             with autocast(dev, recipe.precision):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row > skip_nonfinite:
+                in_a_row = f" ({nonfinite_in_a_row} in a row)" if skip_nonfinite else ""
                 raise NonFiniteLoss(
-                    f"loss is {loss.item()} at iteration {step + 1}; the last good checkpoint in "
-                    f"{run_dir} is untouched (try a lower --lr)"
+                    f"loss is {loss.item()} at iteration {step + 1}{in_a_row}; the last good "
+                    f"checkpoint in {run_dir} is untouched (try a lower --lr)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if finite:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            else:  # --skip-nonfinite: no update; the iteration still counts (schedule, data)
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), buffers, strict=True):
+                        b.copy_(saved)
+                bar.write(f"skipped iteration {step + 1}: loss is {loss.item()} "
+                          f"({nonfinite_in_a_row} in a row, --skip-nonfinite {skip_nonfinite})")
             step += 1
 
             # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
-            wrong = (logits.argmax(1) != y).sum().item()
-            window["loss"] += loss.item() * len(y)
-            window["wrong"] += wrong
-            window["seen"] += len(y)
-            if warmup:
-                recent_errors.append(wrong / len(y))
-                full = len(recent_errors) == recent_errors.maxlen
-                if full and sum(recent_errors) / len(recent_errors) < recipe.warmup_until_error:
-                    warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
-                    bar.write(f"warm-up over at iteration {step}: training error below "
-                              f"{recipe.warmup_until_error:.0%}, lr back to {recipe.lr}")
+            if finite:
+                wrong = (logits.argmax(1) != y).sum().item()
+                window["loss"] += loss.item() * len(y)
+                window["wrong"] += wrong
+                window["seen"] += len(y)
+                if warmup:
+                    recent_errors.append(wrong / len(y))
+                    full = len(recent_errors) == recent_errors.maxlen
+                    if full and sum(recent_errors) / len(recent_errors) < recipe.warmup_until_error:
+                        warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
+                        bar.write(f"warm-up over at iteration {step}: training error below "
+                                  f"{recipe.warmup_until_error:.0%}, lr back to {recipe.lr}")
             bar.update(1)
 
             evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
@@ -380,9 +422,13 @@ def train(
                             model, data.val_images, data.val_labels, mean, std,
                             precision=recipe.precision, memory_format=memory_format,
                         )
-                record["time"] = time.perf_counter() - t0
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if not deterministic:  # wall-clock time would differ between two runs
+                    record["time"] = time.perf_counter() - t0
+                try:  # a torn line from a full disk is dropped on resume, like one from a kill
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                except OSError as e:
+                    raise write_error(metrics_path, e) from e
                 if writer is not None:
                     for k, v in record.items():
                         if k not in ("step", "epoch", "time"):
@@ -407,6 +453,7 @@ def train(
             writer.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        torch.use_deterministic_algorithms(was_deterministic)
 
     wall = time.perf_counter() - t0
     final = json.loads(metrics_path.read_text().splitlines()[-1])
@@ -440,6 +487,12 @@ def train(
     return summary
 
 
+def _detail(error: Exception) -> str:
+    """One line of an error; for load_state_dict's, the first size mismatch."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    return next((line for line in lines if "mismatch" in line), lines[0])
+
+
 def load_trained(path: Path, device: str = "cpu"):
     """(model, mean, std, spec) from a run folder or a model.safetensors written by train()."""
     from .checkpoint import load_weights
@@ -449,19 +502,29 @@ def load_trained(path: Path, device: str = "cpu"):
     if not weights.exists():
         raise ValueError(f"no {WEIGHTS} at {path}: give a finished run folder or its weights file")
     state, meta = load_weights(weights)
-    if "spec" not in meta:
-        raise ValueError(f"{weights} has no reslab metadata (spec and normalisation)")
-    spec = RunSpec.from_dict(meta["spec"])
-    model = build_model(
-        spec.model, num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-        shortcut=spec.shortcut, layout=spec.layout, layers_per_block=spec.layers_per_block,
-    )
-    model.load_state_dict(state, strict=True)
+    if not isinstance(meta, dict) or "spec" not in meta:
+        raise CheckpointError(f"{weights} has no reslab metadata (spec and normalisation); give "
+                              "a model.safetensors written by `reslab train`")
+    try:  # the metadata is JSON, never code, but it may still be malformed
+        spec = RunSpec.from_dict(meta["spec"])
+        model = build_model(
+            spec.model, num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+            shortcut=spec.shortcut, layout=spec.layout, layers_per_block=spec.layers_per_block,
+        )
+        model.load_state_dict(state, strict=True)
+        norm = meta["normalization"]
+        mean = torch.tensor(norm["mean"], dtype=torch.float32)
+        std = None if norm["std"] is None else torch.tensor(norm["std"], dtype=torch.float32)
+        if mean.ndim not in (1, 3) or len(mean) != meta["in_channels"]:
+            raise ValueError(f"normalisation mean of shape {tuple(mean.shape)} for "
+                             f"{meta['in_channels']}-channel images")
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{weights} has malformed reslab metadata or weights ({type(e).__name__}: "
+            f"{_detail(e)}); give a model.safetensors written by `reslab train`"
+        ) from e
     dev = resolve_device(device)
     model = model.to(dev).to(memory_format=torch.channels_last).eval()
-    norm = meta["normalization"]
-    mean = torch.tensor(norm["mean"], dtype=torch.float32, device=dev)
-    std = None if norm["std"] is None else torch.tensor(norm["std"], dtype=torch.float32,
-                                                         device=dev)
+    mean, std = mean.to(dev), (None if std is None else std.to(dev))
     return model, mean, std, spec
 
