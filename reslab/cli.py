@@ -96,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     try:
         summary = train(
-            spec, args.out, data=data, device=args.device, compile_model=args.compile,
+            spec, args.out, data=data, device=args.device,
+            compile_model={"auto": None, "on": True, "off": False}[args.compile],
             gradient_checkpointing=args.gradient_checkpointing,
             progress=False if args.no_progress else None,
             skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--zero-init-residual", action="store_true")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the model (auto: on for runs of >= 5000 iterations)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (ResNet-1202 in 24 GB)")
     p.add_argument("--skip-bad-images", action="store_true")

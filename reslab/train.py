@@ -40,6 +40,10 @@ from .evaluate import autocast, evaluate
 from .models import build_model, model_family
 from .recipes import Recipe, learning_rate
 
+# torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
+# it pays back after ~3k iterations of ResNet-20, so long runs compile and short ones do not.
+COMPILE_MIN_ITERATIONS = 5_000
+
 
 class RunFolderError(ValueError):
     """The run folder holds a different run: refused, nothing overwritten."""
@@ -227,7 +231,7 @@ def train(
     *,
     data: Dataset | None = None,
     device: str = "auto",
-    compile_model: bool = False,
+    compile_model: bool | None = None,
     gradient_checkpointing: bool = False,
     skip_bad_images: bool = False,
     tensorboard: bool = True,
@@ -316,6 +320,8 @@ def train(
     train_images = data.train_images.to(dev)
     train_labels = data.train_labels.to(dev)
     mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
+    if compile_model is None:
+        compile_model = recipe.iterations >= COMPILE_MIN_ITERATIONS
     forward = torch.compile(model) if compile_model else model
 
     writer = None
