@@ -22,6 +22,18 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-per-block", type=int, choices=(1, 2, 3), help="conv layers in F(x)")
 
 
+def _study_options(p: argparse.ArgumentParser, depths_help: str) -> None:
+    """Options shared by `reproduce` and `study`: both train arms into a run pool."""
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--depths", type=int, nargs="+", help=depths_help)
+    p.add_argument("--iterations", type=int, default=64_000, help="the paper's: 64000")
+    p.add_argument("--seeds", type=int, default=1, help="runs per net (Table 6: best, mean±std)")
+    p.add_argument("--runs", type=Path, help="run pool shared between studies (default OUT/runs)")
+    p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
+    p.add_argument("--device", default="auto")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .complexity import describe
 
@@ -130,6 +142,8 @@ def _data_spec(data: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .data import load_dataset
     from .evaluate import evaluate
     from .train import load_trained
@@ -149,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "mean); resize the images to the training size")
     error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
                            precision=spec.recipe.precision,
-                           memory_format=torch_channels_last())
+                           memory_format=torch.channels_last)
     if args.json:
         print(json.dumps({"test_error": error, "test_loss": loss, "model": spec.model,
                           "data": args.data, "images": len(data.test_images)}))
@@ -157,12 +171,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{spec.model} on {args.data}: test error {100 * error:.2f}%, "
               f"test loss {loss:.4f} ({len(data.test_images)} images)")
     return 0
-
-
-def torch_channels_last():
-    import torch
-
-    return torch.channels_last
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -219,14 +227,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         gain = r["ablation_data"]["gain"]
         print(f"  ablation batched augmentation (end to end, fp32) x{gain:.2f}")
         gain = r["ablation_threads"]["gain"]
-        print(f"  ablation threads {torch_threads()} vs 1       x{gain:.2f}")
+        print(f"  ablation threads {r['threads']} vs 1       x{gain:.2f}")
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -307,27 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="the paper's Table 6, Figure 6 or Figure 7")
     p.add_argument("experiment", choices=("table6", "fig6", "fig7"))
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, type=Path, help="report folder")
-    p.add_argument("--depths", type=int, nargs="+", help="CIFAR depths 6n+2 (e.g. 20 56)")
-    p.add_argument("--iterations", type=int, default=64_000, help="the paper's: 64000")
-    p.add_argument("--seeds", type=int, default=1, help="runs per net (Table 6: best, mean±std)")
-    p.add_argument("--runs", type=Path, help="run pool shared between studies (default OUT/runs)")
-    p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
-    p.add_argument("--device", default="auto")
+    _study_options(p, depths_help="CIFAR depths 6n+2 (e.g. 20 56)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("study", help="beyond the paper: block depth, shortcut mappings")
     p.add_argument("study", choices=("block-depth", "shortcuts"))
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, type=Path, help="report folder")
-    p.add_argument("--depths", type=int, nargs="+",
-                   help="total depths (default 56; shortcuts: 56 20)")
-    p.add_argument("--iterations", type=int, default=64_000)
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--runs", type=Path, help="run pool shared with reproduce (default OUT/runs)")
-    p.add_argument("--report-only", action="store_true")
-    p.add_argument("--device", default="auto")
+    _study_options(p, depths_help="total depths (default 56; shortcuts: 56 20)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="training or inference speed vs a plain reference")

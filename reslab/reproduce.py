@@ -11,7 +11,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -290,7 +290,6 @@ def reproduce(
     runs_dir: Path | None = None,
     report_only: bool = False,
     device: str = "auto",
-    load: Callable[[str], Dataset] = load_dataset,
 ) -> Path:
     """Run `table6`, `fig6` or `fig7` on `data` and write its report; returns report.md."""
     if kind not in DEFAULT_DEPTHS:
@@ -303,7 +302,7 @@ def reproduce(
     command = " ".join(["reslab", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else (
         f"reslab reproduce {kind} --data {data} --out {out_dir} --depths "
         f"{' '.join(map(str, depths))} --iterations {iterations} --seeds {seeds}")
-    dataset = None if report_only and kind != "fig7" else load(data)
+    dataset = None if report_only and kind != "fig7" else load_dataset(data)
     t0 = time.time()
     results = run_arms(arms_for(kind, data, depths, iterations, seeds), runs_dir,
                        data=dataset, report_only=report_only, device=device)
