@@ -280,6 +280,16 @@ def model_family(name: str) -> str:
     return "imagenet" if prefix is None and int(depth) in IMAGENET_STAGES else "cifar"
 
 
+def default_shortcut(name: str) -> str:
+    """"none" for plain nets, else option A on CIFAR and B on ImageNet (as the paper)."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(_unknown(name))
+    if m.group(2) == "plain":
+        return "none"
+    return "A" if model_family(name) == "cifar" else "B"
+
+
 def _unknown(name: str) -> str:
     return (
         f"unknown model {name!r}; valid names: {', '.join(list_models())}, or resnetN / plainN "
@@ -321,7 +331,7 @@ def build_model(
         )
 
     if shortcut is None:
-        shortcut = "none" if plain else ("A" if family == "cifar" else "B")
+        shortcut = default_shortcut(name)
     if shortcut not in SHORTCUTS:
         raise ValueError(f"unknown shortcut {shortcut!r}; valid: {', '.join(SHORTCUTS)}")
     if plain and shortcut != "none":

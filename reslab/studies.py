@@ -23,7 +23,7 @@ import torch
 
 from .complexity import describe
 from .data import Dataset, load_dataset, normalize
-from .models import ResidualBlock
+from .models import ResidualBlock, default_shortcut
 from .reproduce import (
     Arm,
     compute_responses,
@@ -50,10 +50,9 @@ STUDIES = ("block-depth", "shortcuts")
 
 def canonical(spec: RunSpec) -> RunSpec:
     """Spell a configuration the way `reproduce` does, so identical runs share a folder."""
-    default_shortcut = "none" if spec.model.startswith("plain") else "A"
     return replace(
         spec,
-        shortcut=None if spec.shortcut == default_shortcut else spec.shortcut,
+        shortcut=None if spec.shortcut == default_shortcut(spec.model) else spec.shortcut,
         layers_per_block=None if spec.layers_per_block == 2 else spec.layers_per_block,
     )
 
@@ -148,7 +147,7 @@ def run_study(
                         shortcut=spec.shortcut, layers_per_block=spec.layers_per_block)
         r["study_multiply_adds"] = info.multiply_adds
         r["study_layers_per_block"] = spec.layers_per_block or 2
-        r["study_shortcut"] = spec.shortcut or ("none" if r["plain"] else "A")
+        r["study_shortcut"] = spec.shortcut or default_shortcut(spec.model)
         r["study_choice"] = what_the_network_chose(runs_dir / r["run"], dataset)
 
     sections = ["## Final errors", "", *runs_table(results), "",

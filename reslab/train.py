@@ -37,7 +37,7 @@ from .checkpoint import (
 from .data import BatchStream, Dataset, channel_stats, load_dataset, normalize, pad_crop_flip
 from .data import pixel_mean as compute_pixel_mean
 from .evaluate import autocast, evaluate
-from .models import build_model, model_family
+from .models import build_model, default_shortcut, model_family
 from .recipes import Recipe, learning_rate
 
 # torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
@@ -462,14 +462,14 @@ def train(
         torch.use_deterministic_algorithms(was_deterministic)
 
     wall = time.perf_counter() - t0
+    shortcut = spec.shortcut or default_shortcut(spec.model)
     final = json.loads(metrics_path.read_text().splitlines()[-1])
     summary = {
         "model": spec.model,
         "data": spec.data,
         "depth": model_depth(spec.model),
-        "plain": spec.model.startswith(("plain", "cifar_plain")) or spec.shortcut == "none",
-        "shortcut": spec.shortcut or ("none" if spec.model.startswith(("plain", "cifar_plain"))
-                                      else ("A" if family == "cifar" else "B")),
+        "plain": shortcut == "none",
+        "shortcut": shortcut,
         "iterations": recipe.iterations,
         "seed": recipe.seed,
         "params": sum(p.numel() for p in model.parameters()),
