@@ -178,6 +178,17 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def _record_environment(path: Path, env: dict[str, Any]) -> dict[str, Any]:
+    """env.json describes the first start; each resume is appended, so a run that spanned
+    several commits or machines says so."""
+    if path.exists():
+        first = json.loads(path.read_text())
+        first.setdefault("resumes", []).append(env)
+        env = first
+    _write_json(path, env)
+    return env
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint (they will be written again)."""
     if not path.exists():
@@ -266,7 +277,7 @@ def train(
                             skip_bad_images=skip_bad_images)
     in_channels, num_classes = check_data_fits(spec, data)
     _write_json(run_dir / "recipe.json", spec_dict)
-    _write_json(run_dir / "env.json", environment(dev))
+    env = _record_environment(run_dir / "env.json", environment(dev))
 
     # Sec. 4.2: per-pixel mean subtraction, computed on the training split.
     if recipe.normalization == "pixel":
@@ -480,8 +491,10 @@ def train(
         "wall_time_s": wall,
         "images_per_second": recipe.iterations * recipe.batch_size / wall,
         "run_dir": str(run_dir),
-        **{k: v for k, v in environment(dev).items() if k in ("commit", "cpu", "gpu", "torch")},
+        **{k: v for k, v in env.items() if k in ("commit", "cpu", "gpu", "torch")},
     }
+    if env.get("resumes"):
+        summary["resumed_at_commits"] = sorted({r["commit"] or "unknown" for r in env["resumes"]})
     if "val_error" in final:
         summary["final_val_error"] = final["val_error"]
     save_weights(run_dir / WEIGHTS, model.state_dict(), {
