@@ -30,7 +30,7 @@ lint: $(STAMP)
 test: setup lint
 	$(BIN)/python -m pytest -q
 
-# The main job: ResNet-20 on Fashion-MNIST, the paper's recipe scaled to 3,000 iterations.
+# The main job: ResNet-20 on Fashion-MNIST, the paper's recipe scaled to 4,500 iterations.
 run: setup
 	$(BIN)/reslab train resnet20 --data fashion-mnist --recipe quick --out runs/make-run
 

@@ -110,9 +110,9 @@ def learning_rate(recipe: Recipe, step: int, warming_up: bool = False) -> float:
 
 RECIPES: dict[str, Recipe] = {
     "cifar10": Recipe(),
-    # The main job of `make run`: the paper's recipe scaled to 3,000 iterations (~6 epochs of
-    # Fashion-MNIST, a few minutes on 2 CPU cores).
-    "quick": replace(Recipe(name="quick").with_iterations(3_000), eval_every=500,
+    # The main job of `make run`: the paper's recipe scaled to 4,500 iterations (~10 epochs of
+    # Fashion-MNIST, ~8 minutes on 2 CPU cores). 3,000 iterations ended at 9.11% test error.
+    "quick": replace(Recipe(name="quick").with_iterations(4_500), eval_every=500,
                      checkpoint_every=500),
 }
 
