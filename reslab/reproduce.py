@@ -19,7 +19,8 @@ from typing import Any
 from .data import Dataset, load_dataset
 from .evaluate import layer_responses
 from .recipes import Recipe, get_recipe
-from .train import RunSpec, environment, load_trained, resolve_device, train
+from .runfolder import environment
+from .train import RunSpec, load_trained, resolve_device, train
 
 # CIFAR-10 test error (%) of Table 6; the plain nets' are only drawn (Fig. 6).
 PAPER_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}

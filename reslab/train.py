@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections import deque
@@ -32,21 +30,24 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
     write_error,
-    write_text,
 )
 from .data import BatchStream, Dataset, channel_stats, load_dataset, normalize, pad_crop_flip
 from .data import pixel_mean as compute_pixel_mean
 from .evaluate import autocast, evaluate
 from .models import build_model, default_shortcut, model_family
 from .recipes import Recipe, learning_rate
+from .runfolder import (
+    RunFolderError,
+    check_run_folder,
+    environment,
+    record_environment,
+    truncate_metrics,
+    write_json,
+)
 
 # torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
 # it pays back after ~3k iterations of ResNet-20, so long runs compile and short ones do not.
 COMPILE_MIN_ITERATIONS = 5_000
-
-
-class RunFolderError(ValueError):
-    """The run folder holds a different run: refused, nothing overwritten."""
 
 
 class TrainingStopped(Exception):
@@ -113,98 +114,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """What produced a run: versions, commit, hardware, command line (DESIGN.md #8)."""
-    import torchvision
-
-    src = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-            timeout=10,
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "commit": commit,
-        "host": platform.node(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "command": sys.argv,
-    }
-
-
-def _check_run_folder(run_dir: Path, spec_dict: dict[str, Any]) -> None:
-    path = run_dir / "recipe.json"
-    if not path.exists():
-        if any(run_dir.glob("checkpoint-*.pt")) or (run_dir / WEIGHTS).exists():
-            raise RunFolderError(f"{run_dir} holds a run without recipe.json; use a new --out")
-        return
-    old = json.loads(path.read_text())
-    if old != spec_dict:
-        diffs = _differences(old, spec_dict)
-        raise RunFolderError(
-            f"{run_dir} holds a different run ({'; '.join(diffs)}); nothing was overwritten. "
-            "Use a new --out, or the same options to resume it"
-        )
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
-    return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def _record_environment(path: Path, env: dict[str, Any]) -> dict[str, Any]:
-    """env.json describes the first start; each resume is appended, so a run that spanned
-    several commits or machines says so."""
-    if path.exists():
-        first = json.loads(path.read_text())
-        first.setdefault("resumes", []).append(env)
-        env = first
-    _write_json(path, env)
-    return env
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a torn last line from a kill mid-write
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
 def check_data_fits(spec: RunSpec, data: Dataset) -> tuple[int, int]:
     """(in_channels, num_classes), or a clear error before any work is done."""
     in_channels = data.in_channels if spec.in_channels is None else spec.in_channels
@@ -265,7 +174,7 @@ def train(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
-    _check_run_folder(run_dir, spec_dict)
+    check_run_folder(run_dir, spec_dict)
     if (run_dir / WEIGHTS).exists() and (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
         print(f"{run_dir} is finished ({recipe.iterations} iterations, final test error "
@@ -276,8 +185,8 @@ def train(
         data = load_dataset(spec.data, val_split=recipe.val_split, seed=0,
                             skip_bad_images=skip_bad_images)
     in_channels, num_classes = check_data_fits(spec, data)
-    _write_json(run_dir / "recipe.json", spec_dict)
-    env = _record_environment(run_dir / "env.json", environment(dev))
+    write_json(run_dir / "recipe.json", spec_dict)
+    env = record_environment(run_dir / "env.json", environment(dev))
 
     # Sec. 4.2: per-pixel mean subtraction, computed on the training split.
     if recipe.normalization == "pixel":
@@ -324,7 +233,7 @@ def train(
         recent_errors.extend(state["recent_errors"])
         window = dict(state["window"])
         nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        _truncate_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
         print(f"resuming {run_dir} from {path.name} (iteration {step}/{recipe.iterations})")
     elif metrics_path.exists():
         metrics_path.unlink()  # a run killed before its first checkpoint starts over
@@ -503,7 +412,7 @@ def train(
         "normalization": {"mean": mean.cpu().tolist(),
                           "std": None if std is None else std.cpu().tolist()},
     })
-    _write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 
