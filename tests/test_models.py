@@ -204,3 +204,16 @@ def test_bad_input_raises_value_error(kwargs, match):
     name = kwargs.pop("name")
     with pytest.raises(ValueError, match=match):
         build_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name,opts", [("resnet18", {}), ("resnet50", {"layout": "v1.5"}),
+                                        ("plain34", {})])
+def test_imagenet_family_copies_and_exports(name, opts):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, **opts).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(pickle.loads(pickle.dumps(model))(x), ref)
+    exported = torch.export.export(model, (x,))
+    assert torch.allclose(exported.module()(x), ref, atol=1e-5)
