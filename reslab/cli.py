@@ -174,9 +174,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
-
-    report = reproduce(
+    """`reproduce` (the paper's experiments) and `study` (the seed's questions) share a shape."""
+    if args.command == "reproduce":
+        from .reproduce import reproduce as run
+    else:
+        from .studies import run_study as run
+    report = run(
         args.experiment, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
         iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
         report_only=args.report_only, device=args.device,
@@ -228,18 +231,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  ablation batched augmentation (end to end, fp32) x{gain:.2f}")
         gain = r["ablation_threads"]["gain"]
         print(f"  ablation threads {r['threads']} vs 1       x{gain:.2f}")
-    return 0
-
-
-def cmd_study(args: argparse.Namespace) -> int:
-    from .studies import run_study
-
-    report = run_study(
-        args.study, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
-        iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
-        report_only=args.report_only, device=args.device,
-    )
-    print(f"report: {report}")
     return 0
 
 
@@ -313,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("study", help="beyond the paper: block depth, shortcut mappings")
-    p.add_argument("study", choices=("block-depth", "shortcuts"))
+    p.add_argument("experiment", choices=("block-depth", "shortcuts"), metavar="STUDY",
+                   help="block-depth or shortcuts")
     _study_options(p, depths_help="total depths (default 56; shortcuts: 56 20)")
-    p.set_defaults(func=cmd_study)
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("bench", help="training or inference speed vs a plain reference")
     p.add_argument("mode", choices=("train", "infer"))
