@@ -179,11 +179,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from .reproduce import reproduce as run
     else:
         from .studies import run_study as run
-    report = run(
-        args.experiment, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
-        iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
-        report_only=args.report_only, device=args.device,
-    )
+    from .train import TrainingStopped
+
+    try:
+        report = run(
+            args.experiment, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
+            iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
+            report_only=args.report_only, device=args.device,
+        )
+    except TrainingStopped as e:
+        print(f"stopped after iteration {e.step} of {e.checkpoint.parent.name} "
+              f"({e.checkpoint.name} saved). Resume the whole study with the same command: "
+              f"reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
+        return 128 + e.signum
     print(f"report: {report}")
     return 0
 
