@@ -95,6 +95,23 @@ def run_arms(
     return results
 
 
+def unfinished(arms: Sequence[Arm], runs_dir: Path) -> list[str]:
+    """Lines naming the arms whose runs are not finished, with how far each got."""
+    lines = []
+    for arm in arms:
+        run_dir = Path(runs_dir) / arm.run_name()
+        if (run_dir / "summary.json").exists():
+            continue
+        step = 0
+        if (run_dir / "metrics.jsonl").exists():
+            records = read_metrics(run_dir)
+            step = records[-1]["step"] if records else 0
+        lines.append(f"- {arm.label} (seed {arm.spec.recipe.seed}): iteration {step:,} of "
+                     f"{arm.spec.recipe.iterations:,} in `{arm.run_name()}`; rerun the command "
+                     "without --report-only to finish it")
+    return lines
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -305,19 +322,23 @@ def reproduce(
         f"{' '.join(map(str, depths))} --iterations {iterations} --seeds {seeds}")
     dataset = None if report_only and kind != "fig7" else load_dataset(data)
     t0 = time.time()
-    results = run_arms(arms_for(kind, data, depths, iterations, seeds), runs_dir,
-                       data=dataset, report_only=report_only, device=device)
+    arms = arms_for(kind, data, depths, iterations, seeds)
+    results = run_arms(arms, runs_dir, data=dataset, report_only=report_only, device=device)
     if not report_only:
         print(f"all runs finished or reused in {time.time() - t0:.0f} s")
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = ["## Final errors", "", *runs_table(results), ""]
+    pending = unfinished(arms, runs_dir)
+    if pending:
+        sections += ["## Runs not finished yet", "", *pending, ""]
     if kind == "table6":
         title = f"Table 6 (ResNets on {data})"
     elif kind == "fig6":
         title = f"Figure 6 (plain nets vs ResNets on {data})"
         if results:
             plot_fig6(results, runs_dir, out_dir / "fig6.png")
-        sections += ["## The paper's claims on our numbers", "", *claims(results), "",
+        checked = claims(results) or ["- not enough finished runs to compare yet"]
+        sections += ["## The paper's claims on our numbers", "", *checked, "",
                      "![Figure 6](fig6.png)", ""]
     else:
         title = f"Figure 7 (layer responses on {data})"

@@ -32,6 +32,7 @@ from .reproduce import (
     runs_table,
     seed_stats,
     study_recipe,
+    unfinished,
     write_outputs,
 )
 from .train import RunSpec, load_trained
@@ -150,7 +151,9 @@ def run_study(
         r["study_shortcut"] = spec.shortcut or default_shortcut(spec.model)
         r["study_choice"] = what_the_network_chose(runs_dir / r["run"], dataset)
 
+    pending = unfinished(arms, runs_dir)
     sections = ["## Final errors", "", *runs_table(results), "",
+                *(["## Runs not finished yet", "", *pending, ""] if pending else []),
                 "## Cost and what the network chose", "",
                 "| arm | params | multiply-adds / image | final test error % | chosen |",
                 "|---|---|---|---|---|"]
