@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,6 +168,46 @@ def time_training(name: str, images, labels, setup: Setup, batch_size: int, step
             "step_split": split}
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ chatter (stage lines, a CUDA probe on CPU-only machines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def kernel_split(name: str, images, setup: Setup, batch_size: int, steps: int,
+                 multiply_adds: int) -> dict[str, Any]:
+    """Where a model-only step's time goes: convolutions (forward and backward) vs the rest.
+
+    The rest is mostly BN, ReLU and the shortcut additions, which are bound by memory, not by
+    multiply-adds; the convolutions' own rate shows how close they run to the matmul peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model, forward = _model(name, images.shape[1], setup)
+    step = _step_fn(model, forward, setup)
+    x, y = images[:batch_size].float().div(255), torch.zeros(batch_size, dtype=torch.long)
+    for _ in range(3):
+        step(x, y)
+    t0 = time.perf_counter()
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(x, y)
+    wall = (time.perf_counter() - t0) / steps
+    conv = sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward",
+                            "aten::_convolution", "aten::convolution")) / 1e6 / steps
+    return {"step_s": wall, "convolution_s": conv, "convolution_share": conv / wall,
+            "convolution_madds_per_s": 3 * multiply_adds * batch_size / conv}
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -206,6 +248,9 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     out["achieved_madds_per_s"] = achieved
     out["peak_fraction"] = achieved / peak_bf16
     out["peak_fraction_fp32"] = achieved / peak_fp32
+    split = kernel_split(name, images, best, batch_size, max(steps // 2, 2), info.multiply_adds)
+    split["convolution_peak_fraction"] = split["convolution_madds_per_s"] / peak_bf16
+    out["kernel_split"] = split
     if ablation:
         base = ref_model["images_per_second"]
         rows = {"eager fp32 NCHW (baseline)": base}

@@ -230,6 +230,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{r['achieved_madds_per_s'] / 1e9:.0f} G = {100 * r['peak_fraction']:.0f}% of bf16")
     print("  step split (reslab): " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in r["step_split"].items()))
+    k = r["kernel_split"]
+    print(f"  convolutions take {100 * k['convolution_share']:.0f}% of a model-only step, at "
+          f"{k['convolution_madds_per_s'] / 1e9:.0f} G multiply-adds/s "
+          f"({100 * k['convolution_peak_fraction']:.0f}% of bf16 peak); the rest is BN, ReLU, "
+          "additions")
     print("  step split (tutorial): " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in r["reference_step_split"].items()))
     for k, v in r.get("ablation_model_only", {}).items():

@@ -33,6 +33,7 @@ def test_bench_train_and_infer_json(capsys):
     for key in ("images_per_second", "reference_images_per_second", "ratio", "peak_fraction"):
         assert r[key] > 0, key
     assert abs(sum(r["step_split"].values()) - 1) < 0.05
+    assert 0 < r["kernel_split"]["convolution_share"] < 1
     assert main(["bench", "infer", "resnet8", "--batch-size", "4", "--no-compile",
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
