@@ -90,9 +90,21 @@ def run_arms(
         else:
             print(f"== {arm.label} (seed {arm.spec.recipe.seed}): {run_dir}")
             summary = train(arm.spec, run_dir, data=data, device=device)
-        summary = dict(summary, label=arm.label, run=arm.run_name())
+        summary = dict(summary, label=arm.label, run=arm.run_name(), hardware=_hardware(run_dir))
         results.append(summary)
     return results
+
+
+def _hardware(run_dir: Path) -> str:
+    """"AMD EPYC, 2 cores, CPU" or the GPU's name, from the run's env.json (first start)."""
+    try:
+        env = json.loads((Path(run_dir) / "env.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    if env.get("gpu"):
+        return str(env["gpu"])
+    cores = f", {env['cpu_count']} cores" if env.get("cpu_count") else ""
+    return f"{env.get('cpu') or 'unknown CPU'}{cores}, CPU only"
 
 
 def unfinished(arms: Sequence[Arm], runs_dir: Path) -> list[str]:
@@ -141,7 +153,8 @@ def _provenance(results: Sequence[dict[str, Any]], data: str, command: str) -> l
     env = environment(resolve_device("auto"))
     wall = sum(r.get("wall_time_s", 0.0) for r in results)
     commits = sorted({r.get("commit") or "unknown" for r in results})
-    cpus = sorted({r.get("gpu") or r.get("cpu") or "unknown" for r in results})
+    cpus = sorted({r.get("hardware") or r.get("gpu") or r.get("cpu") or "unknown"
+                   for r in results})
     return [
         f"- data: **{data}** (the paper's figures are CIFAR-10; ours are on the data named here)",
         f"- command: `{command}`",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import make_dataset, write_image_folder
@@ -44,6 +45,9 @@ def test_reproduce_end_to_end_and_report_only(tmp_path, folder, kind, monkeypatc
                     "final_train_error", "final_test_error", "seed"):
             assert key in entry
     assert "ResNet-14" in report and "final iteration" in report
+    hardware = next(line for line in report.splitlines() if line.startswith("- hardware: "))
+    on_cpu = not torch.cuda.is_available()
+    assert "unknown" not in hardware and ("cores, CPU only" in hardware or not on_cpu)
     if kind == "table6":
         assert " ± " in report  # best (mean ± std) over two seeds
     if kind == "fig6":
