@@ -161,15 +161,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data} has {data.image_size[0]}x{data.image_size[1]} images but "
                          f"{args.run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
                          "mean); resize the images to the training size")
+    precision = args.precision or spec.recipe.precision
     error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
-                           precision=spec.recipe.precision,
-                           memory_format=torch.channels_last)
+                           precision=precision, memory_format=torch.channels_last)
     if args.json:
         print(json.dumps({"test_error": error, "test_loss": loss, "model": spec.model,
-                          "data": args.data, "images": len(data.test_images)}))
+                          "data": args.data, "images": len(data.test_images),
+                          "precision": precision}))
     else:
         print(f"{spec.model} on {args.data}: test error {100 * error:.2f}%, "
-              f"test loss {loss:.4f} ({len(data.test_images)} images)")
+              f"test loss {loss:.4f} ({len(data.test_images)} images, {precision})")
     return 0
 
 
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--precision", choices=("bf16", "fp32"),
+                   help="evaluate in this precision (default: the run's training precision)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("reproduce", help="the paper's Table 6, Figure 6 or Figure 7")

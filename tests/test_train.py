@@ -99,6 +99,11 @@ def test_tiny_end_to_end_run_folder_and_eval(tmp_path, tiny_data, capsys):
     assert main(["eval", str(run), "--data", str(folder), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["test_error"] == evals[-1]["test_error"]
+    assert out["precision"] == spec.recipe.precision
+    other = "fp32" if spec.recipe.precision == "bf16" else "bf16"
+    assert main(["eval", str(run), "--data", str(folder), "--json", "--precision", other]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["precision"] == other and abs(out["test_error"] - evals[-1]["test_error"]) <= 0.1
 
 
 def test_finished_run_says_so_and_different_recipe_is_refused(tmp_path, tiny_data, capsys):
