@@ -96,7 +96,7 @@ def run_arms(
 
 
 def _hardware(run_dir: Path) -> str:
-    """"AMD EPYC, 2 cores, CPU" or the GPU's name, from the run's env.json (first start)."""
+    """"AMD EPYC, 2 cores, CPU only" or the GPU's name, from the run's env.json (first start)."""
     try:
         env = json.loads((Path(run_dir) / "env.json").read_text())
     except (OSError, ValueError):
@@ -153,8 +153,7 @@ def _provenance(results: Sequence[dict[str, Any]], data: str, command: str) -> l
     env = environment(resolve_device("auto"))
     wall = sum(r.get("wall_time_s", 0.0) for r in results)
     commits = sorted({r.get("commit") or "unknown" for r in results})
-    cpus = sorted({r.get("hardware") or r.get("gpu") or r.get("cpu") or "unknown"
-                   for r in results})
+    cpus = sorted({r["hardware"] for r in results})  # set by run_arms
     return [
         f"- data: **{data}** (the paper's figures are CIFAR-10; ours are on the data named here)",
         f"- command: `{command}`",
