@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .complexity import describe
-from .data import normalize, pad_crop_flip
+from .data import normalize, pad_crop_flip, to_device
 from .evaluate import autocast
 from .models import build_model
+from .train import COMPILE_MODES
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,34 @@ class Setup:
     channels_last: bool = False
     compile: bool = False
     batched_aug: bool = True  # reslab's tensor augmentation (else torchvision per sample)
+    device: str = "cpu"
+    compile_mode: str | None = None  # torch.compile's; "reduce-overhead" adds CUDA graphs
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+def _sync(device: torch.device) -> None:
+    """Wait for the device: GPU work is queued, so a timer must wait for it to finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, n: int | None = None, seconds: float = 1.0,
+                device: str = "cpu") -> float:
     """Achievable multiply-adds/s of a large square matrix product in `dtype` (the peak probe)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)  # a GPU needs a larger product to fill it
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
     a @ b
+    _sync(dev)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
+        _sync(dev)
     return reps * n**3 / (time.perf_counter() - t0)
 
 
@@ -91,28 +110,41 @@ def tutorial_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
 
 def _model(name: str, channels: int, setup: Setup) -> tuple[nn.Module, Callable]:
     torch.manual_seed(0)
-    model = build_model(name, in_channels=channels, num_classes=10)
+    model = build_model(name, in_channels=channels, num_classes=10).to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, (torch.compile(model) if setup.compile else model)
+    if not setup.compile:
+        return model, model
+    return model, torch.compile(model, mode=setup.compile_mode)
 
 
 def _step_fn(model, forward, setup: Setup):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    dev = torch.device("cpu")
+    dev = torch.device(setup.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                          fused=dev.type == "cuda")
     fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
 
     def step(x: torch.Tensor, y: torch.Tensor, timings: dict[str, list[float]] | None = None):
         t0 = time.perf_counter()
-        x = x.contiguous(memory_format=fmt)
+        # The tutorial's batches come from the DataLoader on the host, as its `.to(device)`.
+        x = x.to(dev, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(dev, non_blocking=True)
+        if setup.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(dev, setup.precision):
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
+        if timings is not None:
+            _sync(dev)
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if timings is not None:
+            _sync(dev)
         t2 = time.perf_counter()
         opt.step()
+        if timings is not None:
+            _sync(dev)
         t3 = time.perf_counter()
         if timings is not None:
             timings["forward"].append(t1 - t0)
@@ -124,11 +156,12 @@ def _step_fn(model, forward, setup: Setup):
 
 
 def _batched_batches(images, labels, batch_size: int, pad: int):
-    """reslab's data path: uint8 in memory, normalise and augment whole batches."""
+    """reslab's data path: uint8 in memory (on the training device), whole-batch augmentation."""
     mean = images[:1024].float().mean(0) / 255
     n, i = len(images), 0
     while True:
         idx = torch.randint(0, n, (batch_size,), generator=torch.Generator().manual_seed(i))
+        idx = to_device(idx, images.device)
         x = normalize(images[idx], mean)
         x = pad_crop_flip(x, pad, torch.Generator().manual_seed(i + 1))
         yield x, labels[idx]
@@ -141,29 +174,45 @@ def time_training(name: str, images, labels, setup: Setup, batch_size: int, step
     model, forward = _model(name, images.shape[1], setup)
     step = _step_fn(model, forward, setup)
     size = images.shape[-1]
+    dev = torch.device(setup.device)
     if model_only:
-        x0, y0 = images[:batch_size].float().div(255), labels[:batch_size]
+        x0, y0 = images[:batch_size].to(dev).float().div(255), labels[:batch_size].to(dev)
         batches = iter(lambda: (x0, y0), None)
         loader = None
-    elif setup.batched_aug:
-        batches, loader = _batched_batches(images, labels, batch_size, 4), None
+    elif setup.batched_aug:  # the data set resident on the device, augmented there
+        batches, loader = _batched_batches(images.to(dev), labels.to(dev), batch_size, 4), None
     else:
         loader = tutorial_loader(images, labels, batch_size, size)
         batches = _forever(loader)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step(*next(batches))
+    _sync(dev)
     warm = time.perf_counter() - t0
+
+    def timed_pass(n: int, timings: dict[str, list[float]] | None) -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            td = time.perf_counter()
+            x, y = next(batches)
+            if timings is not None:
+                _sync(dev)
+                timings["data"].append(time.perf_counter() - td)
+            step(x, y, timings)
+        _sync(dev)
+        return time.perf_counter() - t0
+
     timings: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        td = time.perf_counter()
-        x, y = next(batches)
-        timings["data"].append(time.perf_counter() - td)
-        step(x, y, timings)
-    total = time.perf_counter() - t0
+    if dev.type == "cuda":
+        # A GPU runs ahead of Python: images/s from a pass without waits, the split from a
+        # second pass that waits at each phase's end (and so runs slower).
+        total = timed_pass(steps, None)
+        split_total = timed_pass(max(steps // 4, 3), timings)
+    else:
+        total = split_total = timed_pass(steps, timings)
     del loader
-    split = {k: sum(v) / total for k, v in timings.items()}
+    split = {k: sum(v) / split_total for k, v in timings.items()}
     return {"images_per_second": steps * batch_size / total, "warmup_s": warm,
             "step_split": split}
 
@@ -191,19 +240,30 @@ def kernel_split(name: str, images, setup: Setup, batch_size: int, steps: int,
     """
     from torch.profiler import ProfilerActivity, profile
 
+    dev = torch.device(setup.device)
+    if setup.cuda_graphs:  # the profiler cannot see inside a CUDA graph's replay
+        setup = replace(setup, compile_mode=None)
     model, forward = _model(name, images.shape[1], setup)
     step = _step_fn(model, forward, setup)
-    x, y = images[:batch_size].float().div(255), torch.zeros(batch_size, dtype=torch.long)
+    x = images[:batch_size].to(dev).float().div(255)
+    y = torch.zeros(batch_size, dtype=torch.long, device=dev)
     for _ in range(3):
         step(x, y)
+    _sync(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     t0 = time.perf_counter()
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _quiet_stderr(), profile(activities=activities) as prof:
         for _ in range(steps):
             step(x, y)
+        _sync(dev)
     wall = (time.perf_counter() - t0) / steps
-    conv = sum(e.self_cpu_time_total for e in prof.key_averages()
-               if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward",
-                            "aten::_convolution", "aten::convolution")) / 1e6 / steps
+    if dev.type == "cuda":  # GPU time of the convolutions' kernels, forward and backward
+        conv = sum(e.device_time_total for e in prof.key_averages()
+                   if e.key in ("aten::convolution", "aten::convolution_backward")) / 1e6 / steps
+    else:
+        conv = sum(e.self_cpu_time_total for e in prof.key_averages()
+                   if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward",
+                                "aten::_convolution", "aten::convolution")) / 1e6 / steps
     return {"step_s": wall, "convolution_s": conv, "convolution_share": conv / wall,
             "convolution_madds_per_s": 3 * multiply_adds * batch_size / conv}
 
@@ -215,21 +275,29 @@ def _forever(loader):
 
 def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size: int | None = None,
                 in_channels: int = 3, compile_model: bool = True,
-                ablation: bool = True) -> dict[str, Any]:
+                ablation: bool = True, device: str = "cpu") -> dict[str, Any]:
     """reslab's default path vs the tutorial reference, peak fraction, step split, ablation."""
     info = describe(name, input_size=input_size, in_channels=in_channels)
     size = info.input_size
+    dev = torch.device(device)
     images, labels = _images(max(4 * batch_size, 2048), in_channels, size)
-    peak_fp32, peak_bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    best = Setup(precision="bf16", channels_last=True, compile=compile_model, batched_aug=True)
-    ref = Setup()
+    peak_fp32 = matmul_peak(torch.float32, device=device)
+    peak_bf16 = matmul_peak(torch.bfloat16, device=device)
+    # reslab's training path: the same choices train() makes for this device.
+    best = Setup(precision="bf16", channels_last=True, compile=compile_model, batched_aug=True,
+                 device=device, compile_mode=COMPILE_MODES.get(dev.type))
+    ref = Setup(device=device)
     out: dict[str, Any] = {"model": name, "batch_size": batch_size, "input_size": size,
                            "steps": steps, "threads": torch.get_num_threads(),
+                           "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                                      else "cpu"),
+                           "compile_mode": best.compile_mode if compile_model else None,
                            "multiply_adds_per_image": info.multiply_adds,
                            "peak_fp32_madds_per_s": peak_fp32, "peak_bf16_madds_per_s": peak_bf16}
     ours = time_training(name, images, labels, best, batch_size, steps)
     ours_model = time_training(name, images, labels, best, batch_size, steps, model_only=True)
-    ref_e2e = time_training(name, images, labels, Setup(batched_aug=False), batch_size, steps)
+    ref_e2e = time_training(name, images, labels, replace(ref, batched_aug=False), batch_size,
+                            steps)
     ref_model = time_training(name, images, labels, ref, batch_size, steps, model_only=True)
     out.update({
         "images_per_second": ours["images_per_second"],
@@ -254,9 +322,13 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     if ablation:
         base = ref_model["images_per_second"]
         rows = {"eager fp32 NCHW (baseline)": base}
-        for label, setup in (("bf16 autocast", Setup(precision="bf16")),
-                             ("channels_last", Setup(channels_last=True)),
-                             ("torch.compile", Setup(compile=True))):
+        alone = [("bf16 autocast", replace(ref, precision="bf16")),
+                 ("channels_last", replace(ref, channels_last=True)),
+                 ("torch.compile", replace(ref, compile=True))]
+        if dev.type == "cuda":
+            alone.append(("torch.compile + CUDA graphs",
+                          replace(ref, compile=True, compile_mode="reduce-overhead")))
+        for label, setup in alone:
             if setup.compile and not compile_model:
                 continue
             rows[label] = time_training(name, images, labels, setup, batch_size, steps,
@@ -264,18 +336,19 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
         out["ablation_model_only"] = {k: {"images_per_second": v, "gain": v / base}
                                       for k, v in rows.items()}
         # Data: batched tensor augmentation vs per-sample torchvision, same eager fp32 model.
-        batched = time_training(name, images, labels, Setup(batched_aug=True), batch_size,
-                                steps)
+        batched = time_training(name, images, labels, ref, batch_size, steps)
         out["ablation_data"] = {
             "per-sample torchvision + DataLoader(2 workers)": ref_e2e["images_per_second"],
             "batched tensor augmentation": batched["images_per_second"],
             "gain": batched["images_per_second"] / ref_e2e["images_per_second"],
         }
-        with _threads(1):
-            one = time_training(name, images, labels, Setup(), batch_size, max(steps // 2, 3),
-                                model_only=True)["images_per_second"]
-        out["ablation_threads"] = {"1 thread": one, f"{torch.get_num_threads()} threads": base,
-                                   "gain": base / one}
+        if dev.type == "cpu":  # host threads matter little when a GPU runs the step
+            with _threads(1):
+                one = time_training(name, images, labels, Setup(), batch_size,
+                                    max(steps // 2, 3), model_only=True)["images_per_second"]
+            out["ablation_threads"] = {"1 thread": one,
+                                       f"{torch.get_num_threads()} threads": base,
+                                       "gain": base / one}
     return out
 
 

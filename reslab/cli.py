@@ -110,6 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(
             spec, args.out, data=data, device=args.device,
             compile_model={"auto": None, "on": True, "off": False}[args.compile],
+            compile_mode=args.compile_mode,
             gradient_checkpointing=args.gradient_checkpointing,
             progress=False if args.no_progress else None,
             skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
@@ -203,7 +204,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.mode == "train":
         r = bench.bench_train(args.model, batch_size=args.batch_size or 128, steps=args.steps,
                               input_size=args.input_size, in_channels=args.in_channels,
-                              compile_model=not args.no_compile, ablation=not args.no_ablation)
+                              compile_model=not args.no_compile, ablation=not args.no_ablation,
+                              device=args.device)
     else:
         r = bench.bench_infer(args.model, batch_size=args.batch_size or 1,
                               input_size=args.input_size, in_channels=args.in_channels,
@@ -243,6 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "ablation_data" in r:
         gain = r["ablation_data"]["gain"]
         print(f"  ablation batched augmentation (end to end, fp32) x{gain:.2f}")
+    if "ablation_threads" in r:
         gain = r["ablation_threads"]["gain"]
         print(f"  ablation threads {r['threads']} vs 1       x{gain:.2f}")
     return 0
@@ -293,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the model (auto: on for runs of >= 5000 iterations)")
+    p.add_argument("--compile-mode",
+                   choices=("default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode (default: reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (ResNet-1202 in 24 GB)")
     p.add_argument("--skip-bad-images", action="store_true")
@@ -334,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (train only)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

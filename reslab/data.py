@@ -561,6 +561,14 @@ def normalize(
     return x
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor (indices, offsets) to `device` without waiting for the GPU:
+    a plain copy from pageable memory synchronises the stream, pinned memory does not."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def pad_crop_flip(
     x: torch.Tensor, pad: int, generator: torch.Generator, *, flip: bool = True
 ) -> torch.Tensor:
@@ -573,8 +581,8 @@ def pad_crop_flip(
         raise DataError(f"pad_crop_flip needs (B, C, H, W) and pad >= 0, got {tuple(x.shape)}, "
                         f"pad={pad}")
     b, c, h, w = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator).to(x.device)
-    flips = (torch.randint(0, 2, (b,), generator=generator) == 1).to(x.device) & flip
+    offsets = to_device(torch.randint(0, 2 * pad + 1, (b, 2), generator=generator), x.device)
+    flips = to_device(torch.randint(0, 2, (b,), generator=generator) == 1, x.device) & flip
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (B, H)
     cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # (B, W)

@@ -31,7 +31,15 @@ from .checkpoint import (
     save_weights,
     write_error,
 )
-from .data import BatchStream, Dataset, channel_stats, load_dataset, normalize, pad_crop_flip
+from .data import (
+    BatchStream,
+    Dataset,
+    channel_stats,
+    load_dataset,
+    normalize,
+    pad_crop_flip,
+    to_device,
+)
 from .data import pixel_mean as compute_pixel_mean
 from .evaluate import autocast, evaluate
 from .models import build_model, default_shortcut, model_family
@@ -48,6 +56,11 @@ from .runfolder import (
 # torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
 # it pays back after ~3k iterations of ResNet-20, so long runs compile and short ones do not.
 COMPILE_MIN_ITERATIONS = 5_000
+# torch.compile modes by device when none is given: on a GPU a small-image step is a few hundred
+# tiny kernels, so CUDA graphs ("reduce-overhead") remove the launch cost (results/bench/h200).
+COMPILE_MODES = {"cpu": None, "cuda": "reduce-overhead"}
+# Devices where the NaN check waits for the next log line: a host sync per step idles a GPU.
+DEFERRED_NAN_CHECK = ("cuda",)
 
 
 class TrainingStopped(Exception):
@@ -159,12 +172,14 @@ def train(
     keep_checkpoints: int = 2,
     skip_nonfinite: int = 0,
     deterministic: bool = False,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or report a finished run) and return the run's summary.
 
     `skip_nonfinite` K > 0 skips a step whose loss is NaN or infinite (no update) and stops after
     K in a row; 0 stops at the first. `deterministic` uses only deterministic algorithms and
     leaves wall-clock times out of metrics.jsonl, so two runs write identical bytes.
+    `compile_mode` is torch.compile's mode (None: COMPILE_MODES' choice for the device).
     """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
@@ -212,7 +227,7 @@ def train(
     warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
     recent_errors: deque[float] = deque(maxlen=recipe.warmup_window)
     step, elapsed, nonfinite_in_a_row = 0, 0.0, 0
-    window = {"loss": 0.0, "wrong": 0.0, "seen": 0}
+    window: dict[str, Any] = {"loss": 0.0, "wrong": 0.0, "seen": 0}
     metrics_path = run_dir / "metrics.jsonl"
 
     resumed = load_latest_checkpoint(run_dir)
@@ -241,9 +256,24 @@ def train(
     train_images = data.train_images.to(dev)
     train_labels = data.train_labels.to(dev)
     mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
+    # The window's sums live on the device: a .item() per step would idle a GPU.
+    window = {"loss": torch.tensor(float(window["loss"]), dtype=torch.float64, device=dev),
+              "wrong": torch.tensor(float(window["wrong"]), dtype=torch.float64, device=dev),
+              "seen": int(window["seen"])}
+    # On a GPU the NaN check waits for the next log line or checkpoint instead of syncing every
+    # step; a NaN step then updates the weights, but no checkpoint is written after it. Skipping
+    # (--skip-nonfinite) and the warm-up's per-step error need the per-step check.
+    deferred_check = dev.type in DEFERRED_NAN_CHECK and skip_nonfinite == 0
+    pending_nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
+    last_record = step
     if compile_model is None:
         compile_model = recipe.iterations >= COMPILE_MIN_ITERATIONS
-    forward = torch.compile(model) if compile_model else model
+    if compile_mode is None:
+        compile_mode = COMPILE_MODES.get(dev.type)
+    cuda_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
+    forward = torch.compile(model, mode=compile_mode) if compile_model else model
+    if dev.type == "cuda" and not deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick each convolution's fastest
 
     writer = None
     if tensorboard:
@@ -274,7 +304,9 @@ def train(
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "stream": stream.state_dict(), "step": step,
             "elapsed": time.perf_counter() - t0, "warmup": warmup,
-            "recent_errors": list(recent_errors), "window": dict(window),
+            "recent_errors": list(recent_errors),
+            "window": {"loss": window["loss"].item(), "wrong": window["wrong"].item(),
+                       "seen": window["seen"]},
             "nonfinite_in_a_row": nonfinite_in_a_row, "spec": spec_dict,
         }
 
@@ -283,7 +315,7 @@ def train(
             lr = learning_rate(recipe, step, warming_up=warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = stream.next().to(dev)
+            idx = to_device(stream.next(), dev)
             x = normalize(train_images[idx], mean, std)
             if recipe.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
                 x = pad_crop_flip(x, recipe.pad, _augment_generator(recipe.seed, step))
@@ -291,10 +323,15 @@ def train(
             y = train_labels[idx]
             # A skipped step leaves the model as it was, BN statistics included.
             buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else []
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(dev, recipe.precision):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y)
-            finite = bool(torch.isfinite(loss))
+            # Before backward: a CUDA graph's outputs are only safe to read until it runs again.
+            wrong = (logits.argmax(1) != y).sum()
+            check_now = not (deferred_check and not warmup)
+            finite = bool(torch.isfinite(loss)) if check_now else True
             nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
             if nonfinite_in_a_row > skip_nonfinite:
                 in_a_row = f" ({nonfinite_in_a_row} in a row)" if skip_nonfinite else ""
@@ -316,12 +353,13 @@ def train(
 
             # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
             if finite:
-                wrong = (logits.argmax(1) != y).sum().item()
-                window["loss"] += loss.item() * len(y)
+                window["loss"] += loss.detach().double() * len(y)
                 window["wrong"] += wrong
                 window["seen"] += len(y)
+                if not check_now:
+                    pending_nonfinite += ~torch.isfinite(loss.detach())
                 if warmup:
-                    recent_errors.append(wrong / len(y))
+                    recent_errors.append(wrong.item() / len(y))
                     full = len(recent_errors) == recent_errors.maxlen
                     if full and sum(recent_errors) / len(recent_errors) < recipe.warmup_until_error:
                         warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
@@ -330,15 +368,27 @@ def train(
             bar.update(1)
 
             evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
-            if step % log_every == 0 or evaluating:
+            saving = (step % recipe.checkpoint_every == 0 or step == recipe.iterations
+                      or bool(stop_signal))
+            logging = step % log_every == 0 or evaluating
+            if deferred_check and (logging or saving) and int(pending_nonfinite):
+                raise NonFiniteLoss(
+                    f"loss became NaN or infinite between iterations {last_record + 1} and "
+                    f"{step}; the last good checkpoint in {run_dir} is untouched (try a lower "
+                    "--lr)"
+                )
+            if logging:
+                last_record = step
+                seen = max(window["seen"], 1)
                 record: dict[str, Any] = {
                     "step": step,
                     "epoch": step * recipe.batch_size / len(train_images),
                     "lr": lr,
-                    "train_loss": window["loss"] / max(window["seen"], 1),
-                    "train_error": window["wrong"] / max(window["seen"], 1),
+                    "train_loss": window["loss"].item() / seen,
+                    "train_error": window["wrong"].item() / seen,
                 }
-                window = {"loss": 0.0, "wrong": 0.0, "seen": 0}
+                window = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
+                          "wrong": torch.zeros((), dtype=torch.float64, device=dev), "seen": 0}
                 if evaluating:
                     record["test_error"], record["test_loss"] = evaluate(
                         model, data.test_images, data.test_labels, mean, std,
@@ -370,7 +420,7 @@ def train(
                         f"{100 * record['train_error']:.2f}%  test error "
                         f"{100 * record['test_error']:.2f}%{val}"
                     )
-            if step % recipe.checkpoint_every == 0 or step == recipe.iterations or stop_signal:
+            if saving:
                 path = save_checkpoint(run_dir, step, checkpoint_state(), keep=keep_checkpoints)
                 if stop_signal and step < recipe.iterations:
                     raise TrainingStopped(step, path, stop_signal[0])

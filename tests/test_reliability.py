@@ -554,6 +554,41 @@ def test_nan_loss_stops_with_the_iteration_and_the_last_checkpoint_untouched(tmp
     assert not (run / "model.safetensors").exists() and not list(run.glob(".*tmp*"))
 
 
+def test_deferred_nan_check_stops_at_the_next_log_line_before_any_checkpoint(tmp_path,
+                                                                            monkeypatch):
+    """The GPU path (no host sync per step), exercised on the CPU."""
+    monkeypatch.setattr(reslab.train, "DEFERRED_NAN_CHECK", ("cpu",))
+    _nan_loss_at(monkeypatch, {13})
+    written = _recording_saves(monkeypatch)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"between iterations 13 and 14; the last good "):
+        train(SPEC, run, data=make_dataset(), tensorboard=False)
+    assert list(written) == ["checkpoint-00000005.pt", "checkpoint-00000010.pt"]
+    assert not (run / "model.safetensors").exists()
+
+
+def test_deferred_nan_check_logs_the_same_metrics_resume_included(tmp_path, monkeypatch):
+    """Window sums kept on the device give the per-step path's metrics, also across a resume
+    from a checkpoint taken mid-window (iteration 5; lines every 2)."""
+    train(SPEC, tmp_path / "a", data=make_dataset(), tensorboard=False, deterministic=True)
+    monkeypatch.setattr(reslab.train, "DEFERRED_NAN_CHECK", ("cpu",))
+    real = reslab.train.save_checkpoint
+
+    def save_then_die(run_dir, step, state, keep=2):
+        path = real(run_dir, step, state, keep=keep)
+        if step == 5:
+            raise KeyboardInterrupt  # as a kill right after the checkpoint
+        return path
+
+    monkeypatch.setattr(reslab.train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(SPEC, tmp_path / "b", data=make_dataset(), tensorboard=False, deterministic=True)
+    monkeypatch.setattr(reslab.train, "save_checkpoint", real)
+    train(SPEC, tmp_path / "b", data=make_dataset(), tensorboard=False, deterministic=True)
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (
+        tmp_path / "b" / "metrics.jsonl").read_bytes()
+
+
 def test_skip_nonfinite_skips_the_step_and_stops_after_k_in_a_row(tmp_path, monkeypatch,
                                                                    capsys):
     _nan_loss_at(monkeypatch, {13, 14})

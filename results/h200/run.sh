@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Everything this project does on a lent H200 (issues #4 and #5), as one call of the device tool:
+#   bash results/h200/run.sh            (run from the repository root; $OUT receives the results)
+# 1. the CUDA tests; 2. the paper's full schedule (64,000 iterations) on Fashion-MNIST in two
+# lanes sharing the GPU, ResNet-56 first (its wall time is #4's figure), until a deadline, when
+# unfinished runs are stopped with SIGTERM (each saves a checkpoint that resumes it); 3. `reslab
+# bench train resnet50` at 224x224 on synthetic data; 4. the run folders packed into $OUT.
+# Fashion-MNIST travels with the call in .data/fashion-mnist (git-ignored; the device has no
+# network). LIMIT is the whole script's budget in seconds.
+set -u
+T0=$SECONDS
+LIMIT=${LIMIT:-530}
+BENCH_S=${BENCH_S:-120}
+OUT=${OUT:-/tmp/h200-out}
+W=${WORK:-/tmp/h200}
+PY=${PY:-python3}
+ITERATIONS=${ITERATIONS:-64000}
+DEVICE=${DEVICE:-cuda}
+BENCH_MODEL=${BENCH_MODEL:-resnet50}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RESLAB_DATA=$PWD/.data
+R="$PY -m reslab"
+mkdir -p "$OUT" "$W/runs"
+log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/log.txt"; }
+
+pack() {  # one archive per run: files come back at most 8 of them, 16 MiB each
+    cd "$W/runs" || return
+    for run in */; do
+        run=${run%/}
+        if [ -f "$run/summary.json" ]; then rm -f "$run"/checkpoint-*.pt  # finished: weights kept
+        else ls "$run"/checkpoint-*.pt 2>/dev/null | sort | head -n -1 | xargs -r rm -f; fi
+        tar czf "$OUT/$run.tar.gz" "$run"
+    done
+    for lane in "$W"/lane-*.log; do echo "== $lane"; cat "$lane"; done >> "$OUT/log.txt" 2>/dev/null
+    cd - >/dev/null
+}
+trap pack EXIT
+
+{ nvidia-smi; nproc; free -g
+  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+} > "$OUT/machine.txt" 2>&1
+log "$(tail -1 "$OUT/machine.txt")"
+log "CUDA tests"
+$PY -m pytest -q -p no:cacheprovider tests/test_data.py -k cuda 2>&1 | tail -2 | tee -a "$OUT/log.txt"
+
+# 2. Two lanes: the GPU is far from full with one small-image run, and one lane compiles while
+# the other trains. A: ResNet-56, plain-56, ResNet-110. B: ResNet-20, plain-20.
+F="--data fashion-mnist --runs $W/runs --iterations $ITERATIONS --device $DEVICE"
+log "training lanes start ($ITERATIONS iterations per run)"
+( $R reproduce table6 --out "$W/a" $F --depths 56 && $R reproduce fig6 --out "$W/a" $F --depths 56 \
+  && $R reproduce table6 --out "$W/a" $F --depths 110 ) > "$W/lane-a.log" 2>&1 &
+A=$!
+( $R reproduce table6 --out "$W/b" $F --depths 20 && $R reproduce fig6 --out "$W/b" $F --depths 20 \
+  ) > "$W/lane-b.log" 2>&1 &
+B=$!
+DEADLINE=$((LIMIT - BENCH_S - 30))
+while kill -0 $A 2>/dev/null || kill -0 $B 2>/dev/null; do
+    if [ $((SECONDS - T0)) -ge $DEADLINE ]; then
+        log "deadline: stopping unfinished runs (SIGTERM: checkpoint, then exit)"
+        pkill -TERM -f "reslab reproduce"
+        break
+    fi
+    sleep 2
+done
+wait $A; log "lane A exit $?"; wait $B; log "lane B exit $?"
+grep -h "^== \|final\|finished\|error\|Error\|stopped" "$W"/lane-*.log | tail -30 | tee -a "$OUT/log.txt"
+for s in "$W"/runs/*/summary.json; do
+    [ -f "$s" ] && $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['model'], \
+'train %.2f%% test %.2f%% wall %.0f s' % (100*d['final_train_error'], 100*d['final_test_error'], \
+d['wall_time_s']))" "$s" | tee -a "$OUT/log.txt"
+done
+
+# 3. ResNet-50 training at 224x224 on synthetic data, with whatever budget is left.
+left=$((LIMIT - (SECONDS - T0) - 25))
+log "bench resnet50 (budget $left s)"
+timeout "$left" $R bench train $BENCH_MODEL --device $DEVICE --steps 30 --no-ablation --json \
+    > "$W/bench.json" 2> "$W/bench.err" && cp "$W/bench.json" "$OUT/bench-train-resnet50-224.json" \
+    || { log "bench did not finish"; tail -5 "$W/bench.err" | tee -a "$OUT/log.txt"; }
+log "done"
