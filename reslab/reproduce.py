@@ -96,15 +96,22 @@ def run_arms(
 
 
 def _hardware(run_dir: Path) -> str:
-    """"AMD EPYC, 2 cores, CPU only" or the GPU's name, from the run's env.json (first start)."""
+    """"AMD EPYC, 2 cores, CPU only" or the GPU's name, from the run's env.json; a run resumed
+    on other hardware names each, in order ("NVIDIA H200, then AMD EPYC, 2 cores, CPU only")."""
     try:
         env = json.loads((Path(run_dir) / "env.json").read_text())
     except (OSError, ValueError):
         return "unknown"
-    if env.get("gpu"):
-        return str(env["gpu"])
-    cores = f", {env['cpu_count']} cores" if env.get("cpu_count") else ""
-    return f"{env.get('cpu') or 'unknown CPU'}{cores}, CPU only"
+    names: list[str] = []
+    for start in [env, *env.get("resumes", [])]:
+        if start.get("gpu"):
+            name = str(start["gpu"])
+        else:
+            cores = f", {start['cpu_count']} cores" if start.get("cpu_count") else ""
+            name = f"{start.get('cpu') or 'unknown CPU'}{cores}, CPU only"
+        if name not in names:
+            names.append(name)
+    return ", then ".join(names)
 
 
 def unfinished(arms: Sequence[Arm], runs_dir: Path) -> list[str]:
@@ -159,7 +166,7 @@ def _provenance(results: Sequence[dict[str, Any]], data: str, command: str) -> l
         f"- command: `{command}`",
         f"- commits that trained the runs: {', '.join(c[:10] for c in commits)}; "
         f"report written at {(env['commit'] or 'unknown')[:10]}",
-        f"- hardware: {', '.join(cpus)}",
+        f"- hardware: {'; '.join(cpus)}",
         f"- wall time of the runs: {wall / 3600:.2f} h in total",
         "- errors are at the final iteration (never the best seen on the test set); training "
         "error is measured on the augmented batches of the last 1% of the run",

@@ -100,3 +100,14 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, folder, monkeypatc
     assert out.count("is finished") == 1  # the first run is reused, not retrained
     assert "from checkpoint-00000006.pt (iteration 6/12)" in out
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 4
+
+
+def test_hardware_names_every_machine_a_resumed_run_used(tmp_path):
+    gpu = {"gpu": "NVIDIA H200", "cpu": "Intel(R) Xeon(R) Processor", "cpu_count": 16}
+    cpu = {"gpu": None, "cpu": "AMD EPYC 9B14", "cpu_count": 2}
+    (tmp_path / "env.json").write_text(json.dumps(dict(gpu, resumes=[gpu, cpu, cpu])))
+    assert rp._hardware(tmp_path) == "NVIDIA H200, then AMD EPYC 9B14, 2 cores, CPU only"
+    (tmp_path / "env.json").write_text(json.dumps(cpu))
+    assert rp._hardware(tmp_path) == "AMD EPYC 9B14, 2 cores, CPU only"
+    (tmp_path / "env.json").write_text("{torn")
+    assert rp._hardware(tmp_path) == "unknown"

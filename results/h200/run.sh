@@ -17,9 +17,14 @@ PY=${PY:-python3}
 ITERATIONS=${ITERATIONS:-64000}
 DEVICE=${DEVICE:-cuda}
 BENCH_MODEL=${BENCH_MODEL:-resnet50}
+LANES=${LANES:-ab}      # which training lanes to run
+SEED_RUNS=${SEED_RUNS:-}  # run folders to resume (e.g. carried from an earlier call)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RESLAB_DATA=$PWD/.data
+# perf_hints: torch.compile says when and why it skips CUDA graphs (see README.md here).
+export TORCH_LOGS=${TORCH_LOGS:-perf_hints}
 R="$PY -m reslab"
 mkdir -p "$OUT" "$W/runs"
+[ -n "$SEED_RUNS" ] && cp -r "$SEED_RUNS"/* "$W/runs/"
 log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/log.txt"; }
 
 pack() {  # one archive per run: files come back at most 8 of them, 16 MiB each
@@ -40,28 +45,35 @@ trap pack EXIT
 } > "$OUT/machine.txt" 2>&1
 log "$(tail -1 "$OUT/machine.txt")"
 log "CUDA tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_data.py -k cuda 2>&1 | tail -2 | tee -a "$OUT/log.txt"
+$PY -m pytest -q -p no:cacheprovider tests/test_data.py -k cuda 2>&1 | tail -25 | tee -a "$OUT/log.txt"
 
 # 2. Two lanes: the GPU is far from full with one small-image run, and one lane compiles while
 # the other trains. A: ResNet-56, plain-56, ResNet-110. B: ResNet-20, plain-20.
 F="--data fashion-mnist --runs $W/runs --iterations $ITERATIONS --device $DEVICE"
 log "training lanes start ($ITERATIONS iterations per run)"
-( $R reproduce table6 --out "$W/a" $F --depths 56 && $R reproduce fig6 --out "$W/a" $F --depths 56 \
-  && $R reproduce table6 --out "$W/a" $F --depths 110 ) > "$W/lane-a.log" 2>&1 &
-A=$!
-( $R reproduce table6 --out "$W/b" $F --depths 20 && $R reproduce fig6 --out "$W/b" $F --depths 20 \
-  ) > "$W/lane-b.log" 2>&1 &
-B=$!
+A=0 B=0
+if [[ $LANES == *a* ]]; then
+  ( $R reproduce table6 --out "$W/a" $F --depths 56 && $R reproduce fig6 --out "$W/a" $F --depths 56 \
+    && $R reproduce table6 --out "$W/a" $F --depths 110 ) > "$W/lane-a.log" 2>&1 &
+  A=$!
+fi
+if [[ $LANES == *b* ]]; then
+  ( $R reproduce table6 --out "$W/b" $F --depths 20 && $R reproduce fig6 --out "$W/b" $F --depths 20 \
+    ) > "$W/lane-b.log" 2>&1 &
+  B=$!
+fi
 DEADLINE=$((LIMIT - BENCH_S - 30))
-while kill -0 $A 2>/dev/null || kill -0 $B 2>/dev/null; do
+alive() { [ "$1" != 0 ] && kill -0 "$1" 2>/dev/null; }
+while alive $A || alive $B; do
     if [ $((SECONDS - T0)) -ge $DEADLINE ]; then
         log "deadline: stopping unfinished runs (SIGTERM: checkpoint, then exit)"
-        pkill -TERM -f "reslab reproduce"
+        pkill -TERM -f "reslab reproduce.*--runs $W/runs"  # this call's runs only
         break
     fi
     sleep 2
 done
-wait $A; log "lane A exit $?"; wait $B; log "lane B exit $?"
+[ $A != 0 ] && { wait $A; log "lane A exit $?"; }
+[ $B != 0 ] && { wait $B; log "lane B exit $?"; }
 grep -h "^== \|final\|finished\|error\|Error\|stopped" "$W"/lane-*.log | tail -30 | tee -a "$OUT/log.txt"
 for s in "$W"/runs/*/summary.json; do
     [ -f "$s" ] && $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['model'], \
@@ -71,7 +83,8 @@ done
 
 # 3. ResNet-50 training at 224x224 on synthetic data, with whatever budget is left.
 left=$((LIMIT - (SECONDS - T0) - 25))
-log "bench resnet50 (budget $left s)"
+[ "$BENCH_S" -gt 0 ] || exit 0
+log "bench $BENCH_MODEL (budget $left s)"
 timeout "$left" $R bench train $BENCH_MODEL --device $DEVICE --steps 30 --no-ablation --json \
     > "$W/bench.json" 2> "$W/bench.err" && cp "$W/bench.json" "$OUT/bench-train-resnet50-224.json" \
     || { log "bench did not finish"; tail -5 "$W/bench.err" | tee -a "$OUT/log.txt"; }
