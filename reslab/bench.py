@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .complexity import describe
-from .data import normalize, pad_crop_flip, to_device
+from .data import crop_flip_draw, normalize, pad_crop_flip, to_device
 from .evaluate import autocast
 from .models import build_model
+from .step import GraphedStep
 from .train import COMPILE_MODES
 
 
@@ -39,6 +40,7 @@ class Setup:
     batched_aug: bool = True  # reslab's tensor augmentation (else torchvision per sample)
     device: str = "cpu"
     compile_mode: str | None = None  # torch.compile's; "reduce-overhead" adds CUDA graphs
+    whole_step_graph: bool = False  # reslab's CUDA path: the whole step as one CUDA graph
 
     @property
     def cuda_graphs(self) -> bool:
@@ -171,6 +173,8 @@ def _batched_batches(images, labels, batch_size: int, pad: int):
 def time_training(name: str, images, labels, setup: Setup, batch_size: int, steps: int,
                   warmup: int = 3, model_only: bool = False) -> dict[str, Any]:
     """Steady-state images/s of one setup; warm-up (and compile) time reported apart."""
+    if setup.whole_step_graph:
+        return _time_graphed(name, images, labels, setup, batch_size, steps, warmup, model_only)
     model, forward = _model(name, images.shape[1], setup)
     step = _step_fn(model, forward, setup)
     size = images.shape[-1]
@@ -217,6 +221,47 @@ def time_training(name: str, images, labels, setup: Setup, batch_size: int, step
             "step_split": split}
 
 
+def _time_graphed(name: str, images, labels, setup: Setup, batch_size: int, steps: int,
+                  warmup: int, model_only: bool) -> dict[str, Any]:
+    """As time_training, for train()'s CUDA path: data resident on the GPU, the whole step
+    (batch, augmentation, forward, backward, SGD) one CUDA graph. Model only: a fixed batch,
+    no augmentation. The graph cannot be split into phases, so the split is one entry."""
+    dev = torch.device(setup.device)
+    model, forward = _model(name, images.shape[1], setup)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                          fused=True)
+    images, labels = images.to(dev), labels.to(dev)
+    pad = 0 if model_only else 4
+    sums = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
+            "wrong": torch.zeros((), dtype=torch.float64, device=dev),
+            "nonfinite": torch.zeros((), dtype=torch.int64, device=dev)}
+    fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
+    step = GraphedStep(forward=forward, optimizer=opt, images=images, labels=labels,
+                       mean=images[:1024].float().mean(0) / 255, std=None, pad=pad,
+                       precision=setup.precision, memory_format=fmt, batch_size=batch_size,
+                       sums=sums)
+
+    def draw(i: int):
+        g = torch.Generator().manual_seed(i)
+        if model_only:
+            return torch.arange(batch_size), None, None
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        return (idx, *crop_flip_draw(batch_size, pad, g))
+
+    t0 = time.perf_counter()
+    for i in range(max(warmup, step.warmup) + 1):  # the eager warm-up, then the capture
+        step(*draw(i), 0.1)
+    _sync(dev)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(*draw(i), 0.1)
+    _sync(dev)
+    total = time.perf_counter() - t0
+    return {"images_per_second": steps * batch_size / total, "warmup_s": warm,
+            "step_split": {"whole step (one CUDA graph)": 1.0}}
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence the profiler's C++ chatter (stage lines, a CUDA probe on CPU-only machines)."""
@@ -241,8 +286,9 @@ def kernel_split(name: str, images, setup: Setup, batch_size: int, steps: int,
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device(setup.device)
-    if setup.cuda_graphs:  # the profiler cannot see inside a CUDA graph's replay
-        setup = replace(setup, compile_mode=None)
+    # The profiler cannot see inside a CUDA graph's replay: the same step without graphs.
+    setup = replace(setup, whole_step_graph=False,
+                    compile_mode=None if setup.cuda_graphs else setup.compile_mode)
     model, forward = _model(name, images.shape[1], setup)
     step = _step_fn(model, forward, setup)
     x = images[:batch_size].to(dev).float().div(255)
@@ -285,13 +331,15 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     peak_bf16 = matmul_peak(torch.bfloat16, device=device)
     # reslab's training path: the same choices train() makes for this device.
     best = Setup(precision="bf16", channels_last=True, compile=compile_model, batched_aug=True,
-                 device=device, compile_mode=COMPILE_MODES.get(dev.type))
+                 device=device, compile_mode=COMPILE_MODES.get(dev.type),
+                 whole_step_graph=dev.type == "cuda")
     ref = Setup(device=device)
     out: dict[str, Any] = {"model": name, "batch_size": batch_size, "input_size": size,
                            "steps": steps, "threads": torch.get_num_threads(),
                            "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                                       else "cpu"),
                            "compile_mode": best.compile_mode if compile_model else None,
+                           "whole_step_cuda_graph": best.whole_step_graph,
                            "multiply_adds_per_image": info.multiply_adds,
                            "peak_fp32_madds_per_s": peak_fp32, "peak_bf16_madds_per_s": peak_bf16}
     ours = time_training(name, images, labels, best, batch_size, steps)
@@ -328,6 +376,7 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
         if dev.type == "cuda":
             alone.append(("torch.compile + CUDA graphs",
                           replace(ref, compile=True, compile_mode="reduce-overhead")))
+            alone.append(("whole step as one CUDA graph", replace(ref, whole_step_graph=True)))
         for label, setup in alone:
             if setup.compile and not compile_model:
                 continue

@@ -32,6 +32,8 @@ def _study_options(p: argparse.ArgumentParser, depths_help: str) -> None:
     p.add_argument("--runs", type=Path, help="run pool shared between studies (default OUT/runs)")
     p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="capture each step as one CUDA graph (auto: on for CUDA devices)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -111,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec, args.out, data=data, device=args.device,
             compile_model={"auto": None, "on": True, "off": False}[args.compile],
             compile_mode=args.compile_mode,
+            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
             gradient_checkpointing=args.gradient_checkpointing,
             progress=False if args.no_progress else None,
             skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
@@ -188,6 +191,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             args.experiment, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
             iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
             report_only=args.report_only, device=args.device,
+            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
         )
     except TrainingStopped as e:
         print(f"stopped after iteration {e.step} of {e.checkpoint.parent.name} "
@@ -299,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode",
                    choices=("default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"),
-                   help="torch.compile's mode (default: reduce-overhead on CUDA, default on CPU)")
+                   help="torch.compile's mode (default: torch's default)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="capture the whole step as one CUDA graph (auto: on for CUDA devices)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (ResNet-1202 in 24 GB)")
     p.add_argument("--skip-bad-images", action="store_true")

@@ -12,10 +12,10 @@ from torch import nn
 from .data import normalize
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or CUDA, or nothing for fp32."""
+def autocast(device: torch.device, precision: str, *, cache: bool = True):
+    """bf16 autocast on CPU or CUDA, or nothing for fp32. `cache=False` for CUDA graph capture."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -76,6 +76,7 @@ def arms_for(
 def run_arms(
     arms: Sequence[Arm], runs_dir: Path, *, data: Dataset | None, report_only: bool,
     device: str = "auto",
+    cuda_graphs: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train (or reuse, or resume) every arm; with report_only, collect the finished ones."""
     results = []
@@ -89,7 +90,7 @@ def run_arms(
             summary = json.loads(summary_path.read_text())
         else:
             print(f"== {arm.label} (seed {arm.spec.recipe.seed}): {run_dir}")
-            summary = train(arm.spec, run_dir, data=data, device=device)
+            summary = train(arm.spec, run_dir, data=data, device=device, cuda_graphs=cuda_graphs)
         summary = dict(summary, label=arm.label, run=arm.run_name(), hardware=_hardware(run_dir))
         results.append(summary)
     return results
@@ -327,6 +328,7 @@ def reproduce(
     runs_dir: Path | None = None,
     report_only: bool = False,
     device: str = "auto",
+    cuda_graphs: bool | None = None,
 ) -> Path:
     """Run `table6`, `fig6` or `fig7` on `data` and write its report; returns report.md."""
     if kind not in DEFAULT_DEPTHS:
@@ -342,7 +344,8 @@ def reproduce(
     dataset = None if report_only and kind != "fig7" else load_dataset(data)
     t0 = time.time()
     arms = arms_for(kind, data, depths, iterations, seeds)
-    results = run_arms(arms, runs_dir, data=dataset, report_only=report_only, device=device)
+    results = run_arms(arms, runs_dir, data=dataset, report_only=report_only, device=device,
+                       cuda_graphs=cuda_graphs)
     if not report_only:
         print(f"all runs finished or reused in {time.time() - t0:.0f} s")
     out_dir.mkdir(parents=True, exist_ok=True)

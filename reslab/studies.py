@@ -123,6 +123,7 @@ def run_study(
     runs_dir: Path | None = None,
     report_only: bool = False,
     device: str = "auto",
+    cuda_graphs: bool | None = None,
 ) -> Path:
     """Run a study and write DIR/report.md, DIR/summary.json and its plots."""
     if study not in STUDIES:
@@ -136,7 +137,8 @@ def run_study(
     out_dir, runs_dir = Path(out_dir), Path(runs_dir or Path(out_dir) / "runs")
     dataset = load_dataset(data)
     arms = study_arms(study, data, depths, iterations, seeds)
-    results = run_arms(arms, runs_dir, data=dataset, report_only=report_only, device=device)
+    results = run_arms(arms, runs_dir, data=dataset, report_only=report_only, device=device,
+                       cuda_graphs=cuda_graphs)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["reslab", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else (
         f"reslab study {study} --data {data} --out {out_dir} --iterations {iterations} "

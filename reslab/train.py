@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import (
@@ -31,17 +30,9 @@ from .checkpoint import (
     save_weights,
     write_error,
 )
-from .data import (
-    BatchStream,
-    Dataset,
-    channel_stats,
-    load_dataset,
-    normalize,
-    pad_crop_flip,
-    to_device,
-)
+from .data import BatchStream, Dataset, channel_stats, crop_flip_draw, load_dataset, to_device
 from .data import pixel_mean as compute_pixel_mean
-from .evaluate import autocast, evaluate
+from .evaluate import evaluate
 from .models import build_model, default_shortcut, model_family
 from .recipes import Recipe, learning_rate
 from .runfolder import (
@@ -52,13 +43,15 @@ from .runfolder import (
     truncate_metrics,
     write_json,
 )
+from .step import GraphedStep, add_to_window, augmented_batch, forward_loss
 
 # torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
 # it pays back after ~3k iterations of ResNet-20, so long runs compile and short ones do not.
 COMPILE_MIN_ITERATIONS = 5_000
-# torch.compile modes by device when none is given: on a GPU a small-image step is a few hundred
-# tiny kernels, so CUDA graphs ("reduce-overhead") remove the launch cost (results/bench/h200).
-COMPILE_MODES = {"cpu": None, "cuda": "reduce-overhead"}
+# torch.compile's mode by device when none is given. On a GPU the whole step is captured as one
+# CUDA graph (step.GraphedStep) around the default mode: "reduce-overhead" skips its graphs for
+# BN's in-place statistics updates (results/h200).
+COMPILE_MODES: dict[str, str | None] = {"cpu": None, "cuda": None}
 # Devices where the NaN check waits for the next log line: a host sync per step idles a GPU.
 DEFERRED_NAN_CHECK = ("cuda",)
 
@@ -173,6 +166,7 @@ def train(
     skip_nonfinite: int = 0,
     deterministic: bool = False,
     compile_mode: str | None = None,
+    cuda_graphs: bool | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or report a finished run) and return the run's summary.
 
@@ -180,9 +174,12 @@ def train(
     K in a row; 0 stops at the first. `deterministic` uses only deterministic algorithms and
     leaves wall-clock times out of metrics.jsonl, so two runs write identical bytes.
     `compile_mode` is torch.compile's mode (None: COMPILE_MODES' choice for the device).
+    `cuda_graphs` captures the whole step as one CUDA graph (None: on for CUDA devices).
     """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
+    if cuda_graphs and dev.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {dev}; omit --cuda-graphs")
     recipe = replace(spec.recipe, precision=resolve_precision(spec.recipe.precision, dev))
     spec = replace(spec, recipe=recipe)
     family = model_family(spec.model)  # validates the name before any data is read
@@ -256,22 +253,35 @@ def train(
     train_images = data.train_images.to(dev)
     train_labels = data.train_labels.to(dev)
     mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
-    # The window's sums live on the device: a .item() per step would idle a GPU.
-    window = {"loss": torch.tensor(float(window["loss"]), dtype=torch.float64, device=dev),
-              "wrong": torch.tensor(float(window["wrong"]), dtype=torch.float64, device=dev),
-              "seen": int(window["seen"])}
+    # The window's sums live on the device (a .item() per step would idle a GPU), updated and
+    # reset in place: a captured CUDA graph adds to these very tensors.
+    sums = {"loss": torch.tensor(float(window["loss"]), dtype=torch.float64, device=dev),
+            "wrong": torch.tensor(float(window["wrong"]), dtype=torch.float64, device=dev),
+            "nonfinite": torch.zeros((), dtype=torch.int64, device=dev)}
+    seen = int(window["seen"])
     # On a GPU the NaN check waits for the next log line or checkpoint instead of syncing every
     # step; a NaN step then updates the weights, but no checkpoint is written after it. Skipping
     # (--skip-nonfinite) and the warm-up's per-step error need the per-step check.
     deferred_check = dev.type in DEFERRED_NAN_CHECK and skip_nonfinite == 0
-    pending_nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
     last_record = step
     if compile_model is None:
         compile_model = recipe.iterations >= COMPILE_MIN_ITERATIONS
     if compile_mode is None:
         compile_mode = COMPILE_MODES.get(dev.type)
-    cuda_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
+    compiler_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
     forward = torch.compile(model, mode=compile_mode) if compile_model else model
+    graphed = None
+    if dev.type == "cuda" and cuda_graphs is not False and not compiler_graphs:
+        if not deferred_check:
+            if cuda_graphs:
+                raise ValueError("CUDA graphs cannot skip single steps; drop --skip-nonfinite "
+                                 "or --cuda-graphs")
+        else:
+            graphed = GraphedStep(
+                forward=forward, optimizer=optimizer, images=train_images, labels=train_labels,
+                mean=mean, std=std, pad=recipe.pad, precision=recipe.precision,
+                memory_format=memory_format, batch_size=recipe.batch_size, sums=sums,
+            )
     if dev.type == "cuda" and not deterministic:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick each convolution's fastest
 
@@ -305,8 +315,8 @@ def train(
             "stream": stream.state_dict(), "step": step,
             "elapsed": time.perf_counter() - t0, "warmup": warmup,
             "recent_errors": list(recent_errors),
-            "window": {"loss": window["loss"].item(), "wrong": window["wrong"].item(),
-                       "seen": window["seen"]},
+            "window": {"loss": sums["loss"].item(), "wrong": sums["wrong"].item(),
+                       "seen": seen},
             "nonfinite_in_a_row": nonfinite_in_a_row, "spec": spec_dict,
         }
 
@@ -315,63 +325,70 @@ def train(
             lr = learning_rate(recipe, step, warming_up=warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = to_device(stream.next(), dev)
-            x = normalize(train_images[idx], mean, std)
+            idx = stream.next()
+            offsets = flips = None
             if recipe.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
-                x = pad_crop_flip(x, recipe.pad, _augment_generator(recipe.seed, step))
-            x = x.contiguous(memory_format=memory_format)
-            y = train_labels[idx]
-            # A skipped step leaves the model as it was, BN statistics included.
-            buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else []
-            if cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with autocast(dev, recipe.precision):
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y)
-            # Before backward: a CUDA graph's outputs are only safe to read until it runs again.
-            wrong = (logits.argmax(1) != y).sum()
-            check_now = not (deferred_check and not warmup)
-            finite = bool(torch.isfinite(loss)) if check_now else True
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row > skip_nonfinite:
-                in_a_row = f" ({nonfinite_in_a_row} in a row)" if skip_nonfinite else ""
-                raise NonFiniteLoss(
-                    f"loss is {loss.item()} at iteration {step + 1}{in_a_row}; the last good "
-                    f"checkpoint in {run_dir} is untouched (try a lower --lr)"
+                offsets, flips = crop_flip_draw(len(idx), recipe.pad,
+                                                _augment_generator(recipe.seed, step))
+            if graphed is not None and not warmup:
+                graphed(idx, offsets, flips, lr)  # adds to the window's sums on the device
+                seen += recipe.batch_size
+                step += 1
+            else:
+                finite, wrong = True, None
+                x, y = augmented_batch(
+                    train_images, train_labels, to_device(idx, dev), mean, std, recipe.pad,
+                    None if offsets is None else to_device(offsets, dev),
+                    None if flips is None else to_device(flips, dev), memory_format,
                 )
-            if finite:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            else:  # --skip-nonfinite: no update; the iteration still counts (schedule, data)
-                with torch.no_grad():
-                    for b, saved in zip(model.buffers(), buffers, strict=True):
-                        b.copy_(saved)
-                bar.write(f"skipped iteration {step + 1}: loss is {loss.item()} "
-                          f"({nonfinite_in_a_row} in a row, --skip-nonfinite {skip_nonfinite})")
-            step += 1
+                # A skipped step leaves the model as it was, BN statistics included.
+                buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else []
+                if compiler_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                # wrong is counted before backward: a CUDA graph's outputs are only safe to
+                # read until it runs again.
+                _, loss, wrong = forward_loss(forward, x, y, dev, recipe.precision)
+                if not (deferred_check and not warmup):
+                    finite = bool(torch.isfinite(loss))
+                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+                if nonfinite_in_a_row > skip_nonfinite:
+                    in_a_row = f" ({nonfinite_in_a_row} in a row)" if skip_nonfinite else ""
+                    raise NonFiniteLoss(
+                        f"loss is {loss.item()} at iteration {step + 1}{in_a_row}; the last "
+                        f"good checkpoint in {run_dir} is untouched (try a lower --lr)"
+                    )
+                if finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                else:  # --skip-nonfinite: no update; the iteration still counts
+                    with torch.no_grad():
+                        for b, saved in zip(model.buffers(), buffers, strict=True):
+                            b.copy_(saved)
+                    bar.write(f"skipped iteration {step + 1}: loss is {loss.item()} "
+                              f"({nonfinite_in_a_row} in a row, --skip-nonfinite "
+                              f"{skip_nonfinite})")
+                step += 1
 
-            # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
-            if finite:
-                window["loss"] += loss.detach().double() * len(y)
-                window["wrong"] += wrong
-                window["seen"] += len(y)
-                if not check_now:
-                    pending_nonfinite += ~torch.isfinite(loss.detach())
-                if warmup:
-                    recent_errors.append(wrong.item() / len(y))
-                    full = len(recent_errors) == recent_errors.maxlen
-                    if full and sum(recent_errors) / len(recent_errors) < recipe.warmup_until_error:
-                        warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
-                        bar.write(f"warm-up over at iteration {step}: training error below "
-                                  f"{recipe.warmup_until_error:.0%}, lr back to {recipe.lr}")
+                # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
+                if finite:
+                    add_to_window(sums, loss, wrong, len(y))
+                    seen += len(y)
+                    if warmup:
+                        recent_errors.append(wrong.item() / len(y))
+                        full = len(recent_errors) == recent_errors.maxlen
+                        if (full and sum(recent_errors) / len(recent_errors)
+                                < recipe.warmup_until_error):
+                            warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
+                            bar.write(f"warm-up over at iteration {step}: training error below "
+                                      f"{recipe.warmup_until_error:.0%}, lr back to {recipe.lr}")
             bar.update(1)
 
             evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
             saving = (step % recipe.checkpoint_every == 0 or step == recipe.iterations
                       or bool(stop_signal))
             logging = step % log_every == 0 or evaluating
-            if deferred_check and (logging or saving) and int(pending_nonfinite):
+            if deferred_check and (logging or saving) and int(sums["nonfinite"]):
                 raise NonFiniteLoss(
                     f"loss became NaN or infinite between iterations {last_record + 1} and "
                     f"{step}; the last good checkpoint in {run_dir} is untouched (try a lower "
@@ -379,16 +396,16 @@ def train(
                 )
             if logging:
                 last_record = step
-                seen = max(window["seen"], 1)
                 record: dict[str, Any] = {
                     "step": step,
                     "epoch": step * recipe.batch_size / len(train_images),
                     "lr": lr,
-                    "train_loss": window["loss"].item() / seen,
-                    "train_error": window["wrong"].item() / seen,
+                    "train_loss": sums["loss"].item() / max(seen, 1),
+                    "train_error": sums["wrong"].item() / max(seen, 1),
                 }
-                window = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
-                          "wrong": torch.zeros((), dtype=torch.float64, device=dev), "seen": 0}
+                sums["loss"].zero_()
+                sums["wrong"].zero_()
+                seen = 0
                 if evaluating:
                     record["test_error"], record["test_loss"] = evaluate(
                         model, data.test_images, data.test_labels, mean, std,

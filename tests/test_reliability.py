@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import reslab.checkpoint
+import reslab.step
 import reslab.train
 from conftest import make_dataset, write_image_folder
 from reslab.checkpoint import (
@@ -525,7 +526,7 @@ def _nan_loss_at(monkeypatch, iterations: set[int]) -> None:
         loss = real(logits, labels, *args, **kwargs)
         return loss * float("nan") if calls[0] in iterations else loss
 
-    monkeypatch.setattr(reslab.train, "F", SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(reslab.step, "F", SimpleNamespace(cross_entropy=cross_entropy))
 
 
 def _recording_saves(monkeypatch) -> dict[str, bytes]:

@@ -81,7 +81,7 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, folder, monkeypatc
     import reslab.train as tr
 
     monkeypatch.setattr(rp, "study_recipe", _tiny_recipe)
-    real_aug, calls = tr.pad_crop_flip, []
+    real_aug, calls = tr.crop_flip_draw, []
 
     def augment_then_stop(*a, **kw):
         calls.append(1)
@@ -89,11 +89,11 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, folder, monkeypatc
             signal.raise_signal(signal.SIGTERM)
         return real_aug(*a, **kw)
 
-    monkeypatch.setattr(tr, "pad_crop_flip", augment_then_stop)
+    monkeypatch.setattr(tr, "crop_flip_draw", augment_then_stop)
     with pytest.raises(TrainingStopped) as stopped:
         rp.reproduce("fig6", data=str(folder), out_dir=tmp_path, depths=(8, 14), iterations=12)
     assert stopped.value.step == 6
-    monkeypatch.setattr(tr, "pad_crop_flip", real_aug)
+    monkeypatch.setattr(tr, "crop_flip_draw", real_aug)
     capsys.readouterr()
     rp.reproduce("fig6", data=str(folder), out_dir=tmp_path, depths=(8, 14), iterations=12)
     out = capsys.readouterr().out

@@ -194,3 +194,33 @@ def test_real_fashion_mnist_smoke(tmp_path):
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_test_error"] < 0.25, summary
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_steps_equal_eager_steps(tmp_path, tiny_data):
+    """The whole step as one CUDA graph (step.GraphedStep) trains as the eager loop does,
+    through warm-up, captures at each new learning rate (milestones) and a warm-up condition."""
+    spec = RunSpec(model="resnet8", data="synthetic",
+                   recipe=replace(TINY.with_iterations(40), warmup_min_depth=8,
+                                  warmup_window=4, warmup_until_error=0.6))
+    runs = {}
+    for graphs in (False, True):
+        run = tmp_path / f"graphs-{graphs}"
+        train(spec, run, data=tiny_data, device="cuda", cuda_graphs=graphs,
+              compile_model=False, tensorboard=False, deterministic=True)
+        runs[graphs] = ([json.loads(line) for line in (run / "metrics.jsonl").open()],
+                        load_file(run / "model.safetensors"))
+    (eager, eager_w), (graphed, graphed_w) = runs[False], runs[True]
+    assert [r["lr"] for r in graphed] == [r["lr"] for r in eager]
+    assert len({r["lr"] for r in eager}) >= 3  # warm-up, 0.1 and a milestone: recaptures
+    for a, b in zip(eager, graphed, strict=True):
+        assert a["train_error"] == pytest.approx(b["train_error"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    for k in eager_w:
+        assert torch.allclose(eager_w[k].float(), graphed_w[k].float(), rtol=1e-4, atol=1e-5), k
+
+
+def test_cuda_graphs_need_a_cuda_device(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        train(_spec(iterations=4), tmp_path / "run", data=tiny_data, device="cpu",
+              cuda_graphs=True, tensorboard=False)
