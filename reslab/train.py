@@ -270,18 +270,18 @@ def train(
         compile_mode = COMPILE_MODES.get(dev.type)
     compiler_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
     forward = torch.compile(model, mode=compile_mode) if compile_model else model
+    # A graphed step cannot skip itself (--skip-nonfinite) or nest torch.compile's own graphs.
+    can_graph = dev.type == "cuda" and deferred_check and not compiler_graphs
+    if cuda_graphs and not can_graph:
+        raise ValueError("--cuda-graphs on does not go with --skip-nonfinite or a compile mode "
+                         "that makes its own CUDA graphs")
     graphed = None
-    if dev.type == "cuda" and cuda_graphs is not False and not compiler_graphs:
-        if not deferred_check:
-            if cuda_graphs:
-                raise ValueError("CUDA graphs cannot skip single steps; drop --skip-nonfinite "
-                                 "or --cuda-graphs")
-        else:
-            graphed = GraphedStep(
-                forward=forward, optimizer=optimizer, images=train_images, labels=train_labels,
-                mean=mean, std=std, pad=recipe.pad, precision=recipe.precision,
-                memory_format=memory_format, batch_size=recipe.batch_size, sums=sums,
-            )
+    if can_graph and cuda_graphs is not False:
+        graphed = GraphedStep(
+            forward=forward, optimizer=optimizer, images=train_images, labels=train_labels,
+            mean=mean, std=std, pad=recipe.pad, precision=recipe.precision,
+            memory_format=memory_format, batch_size=recipe.batch_size, sums=sums,
+        )
     if dev.type == "cuda" and not deterministic:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick each convolution's fastest
 
