@@ -259,6 +259,9 @@ def plot_fig6(
         ax.grid(alpha=0.3)
         if chosen:
             ax.legend()
+        else:  # e.g. --report-only while those runs are still training
+            ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
     axes[0][0].set_ylabel("error (%)  — dashed: training, bold: test")
     top = max(100 * r["final_train_error"] for r in results) if results else 20
     axes[0][0].set_ylim(0, max(20.0, min(100.0, 2.5 * top)))
