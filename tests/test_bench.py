@@ -38,3 +38,16 @@ def test_bench_train_and_infer_json(capsys):
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["ratio"] >= 1 and r["folding_max_abs_error"] < 1e-3
+
+
+def test_frozen_compiled_inference_computes_the_same():
+    """The freezing path of `bench infer` (weights as constants, pre-packed) changes no output."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    model = build_model("resnet8").eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    folded = fold_bn(model).to(memory_format=torch.channels_last)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        frozen = torch.compile(folded)
+        assert torch.allclose(frozen(x), model(x), atol=1e-4, rtol=1e-4)
