@@ -17,7 +17,7 @@ PY=${PY:-python3}
 ITERATIONS=${ITERATIONS:-64000}
 DEVICE=${DEVICE:-cuda}
 BENCH_MODEL=${BENCH_MODEL:-resnet50}
-LANES=${LANES:-ab}      # which training lanes to run
+LANES=${LANES:-ab}      # lanes: a, b (the paper's runs below), s, k (issue #7's studies)
 SEED_RUNS=${SEED_RUNS:-}  # run folders to resume (e.g. carried from an earlier call)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RESLAB_DATA=$PWD/.data
 # perf_hints: torch.compile says when and why it skips CUDA graphs (see README.md here).
@@ -27,14 +27,20 @@ mkdir -p "$OUT" "$W/runs"
 [ -n "$SEED_RUNS" ] && cp -r "$SEED_RUNS"/* "$W/runs/"
 log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/log.txt"; }
 
-pack() {  # one archive per run: files come back at most 8 of them, 16 MiB each
+pack() {  # files come back at most 8 of them, 16 MiB each: runs go in archives of <= 14 MiB
     cd "$W/runs" || return
+    local part=1 size=0 batch=()
     for run in */; do
         run=${run%/}
         if [ -f "$run/summary.json" ]; then rm -f "$run"/checkpoint-*.pt  # finished: weights kept
         else ls "$run"/checkpoint-*.pt 2>/dev/null | sort | head -n -1 | xargs -r rm -f; fi
-        tar czf "$OUT/$run.tar.gz" "$run"
+        local kb=$(du -sk "$run" | cut -f1)
+        if [ ${#batch[@]} -gt 0 ] && [ $((size + kb)) -gt 14000 ]; then
+            tar czf "$OUT/runs-$part.tar.gz" "${batch[@]}"; part=$((part + 1)); size=0; batch=()
+        fi
+        batch+=("$run"); size=$((size + kb))
     done
+    [ ${#batch[@]} -gt 0 ] && tar czf "$OUT/runs-$part.tar.gz" "${batch[@]}"
     for lane in "$W"/lane-*.log; do echo "== $lane"; cat "$lane"; done >> "$OUT/log.txt" 2>/dev/null
     cd - >/dev/null
 }
@@ -68,18 +74,30 @@ if [[ $LANES == *b* ]]; then
     ) > "$W/lane-b.log" 2>&1 &
   B=$!
 fi
+# Issue #7's studies (run with ITERATIONS=8000): shortcut mappings; layers per block.
+S=0 K=0
+if [[ $LANES == *s* ]]; then
+  $R study shortcuts --out "$W/s" $F --depths 56 20 > "$W/lane-s.log" 2>&1 &
+  S=$!
+fi
+if [[ $LANES == *k* ]]; then
+  $R study block-depth --out "$W/k" $F > "$W/lane-k.log" 2>&1 &
+  K=$!
+fi
 DEADLINE=$((LIMIT - BENCH_S - 30))
 alive() { [ "$1" != 0 ] && kill -0 "$1" 2>/dev/null; }
-while alive $A || alive $B; do
+while alive $A || alive $B || alive $S || alive $K; do
     if [ $((SECONDS - T0)) -ge $DEADLINE ]; then
         log "deadline: stopping unfinished runs (SIGTERM: checkpoint, then exit)"
-        pkill -TERM -f "reslab reproduce.*--runs $W/runs"  # this call's runs only
+        pkill -TERM -f "reslab (reproduce|study).*--runs $W/runs"  # this call's runs only
         break
     fi
     sleep 2
 done
 [ $A != 0 ] && { wait $A; log "lane A exit $?"; }
 [ $B != 0 ] && { wait $B; log "lane B exit $?"; }
+[ $S != 0 ] && { wait $S; log "lane S exit $?"; }
+[ $K != 0 ] && { wait $K; log "lane K exit $?"; }
 grep -h "^== \|final\|finished\|error\|Error\|stopped" "$W"/lane-*.log | tail -30 | tee -a "$OUT/log.txt"
 for s in "$W"/runs/*/summary.json; do
     [ -f "$s" ] && $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['model'], \
