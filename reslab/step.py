@@ -21,7 +21,7 @@ from .evaluate import autocast
 
 
 def augmented_batch(
-    images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor,
+    images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, *, mean: torch.Tensor,
     std: torch.Tensor | None, pad: int, offsets: torch.Tensor | None,
     flips: torch.Tensor | None, memory_format: torch.memory_format,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +86,9 @@ class GraphedStep:
         idx = self.inputs[:b]
         offsets = self.inputs[b : 3 * b].view(b, 2) if self.pad > 0 else None
         flips = self.inputs[3 * b :].bool() if self.pad > 0 else None
-        x, y = augmented_batch(self.images, self.labels, idx, self.mean, self.std, self.pad,
-                               offsets, flips, self.memory_format)
+        x, y = augmented_batch(self.images, self.labels, idx, mean=self.mean, std=self.std,
+                               pad=self.pad, offsets=offsets, flips=flips,
+                               memory_format=self.memory_format)
         # Autocast's weight cache must be off inside a captured graph (CUDA graphs notes).
         _, loss, wrong = forward_loss(self.forward, x, y, self.device, self.precision,
                                       autocast_cache=False)

@@ -337,9 +337,10 @@ def train(
             else:
                 finite, wrong = True, None
                 x, y = augmented_batch(
-                    train_images, train_labels, to_device(idx, dev), mean, std, recipe.pad,
-                    None if offsets is None else to_device(offsets, dev),
-                    None if flips is None else to_device(flips, dev), memory_format,
+                    train_images, train_labels, to_device(idx, dev), mean=mean, std=std,
+                    pad=recipe.pad, offsets=None if offsets is None else to_device(offsets, dev),
+                    flips=None if flips is None else to_device(flips, dev),
+                    memory_format=memory_format,
                 )
                 # A skipped step leaves the model as it was, BN statistics included.
                 buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else []
