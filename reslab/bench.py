@@ -250,12 +250,12 @@ def _time_graphed(name: str, images, labels, setup: Setup, batch_size: int, step
 
     t0 = time.perf_counter()
     for i in range(max(warmup, step.warmup) + 1):  # the eager warm-up, then the capture
-        step(*draw(i), 0.1)
+        step(*draw(i))
     _sync(dev)
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
-        step(*draw(i), 0.1)
+        step(*draw(i))
     _sync(dev)
     total = time.perf_counter() - t0
     return {"images_per_second": steps * batch_size / total, "warmup_s": warm,

@@ -58,8 +58,10 @@ class GraphedStep:
     The batch's indices, crop offsets and flips are the step's only inputs: they are copied
     into one static device buffer before each replay. The first `warmup` calls run eagerly on
     a side stream (compilation, cuDNN's algorithm search and the momentum buffers happen
-    there; they are real training steps). The learning rate is baked into the captured SGD
-    update, so a new rate (a milestone, the end of ResNet-110's warm-up) is a new capture.
+    there; they are real training steps, and SGD's momentum buffers must exist before a
+    capture, or every replay would be a "first step"). The optimizer's learning rates are baked
+    into the captured update, so a new rate (a milestone, the end of ResNet-110's warm-up) is
+    a new capture.
     """
 
     def __init__(
@@ -69,6 +71,8 @@ class GraphedStep:
         memory_format: torch.memory_format, batch_size: int, sums: dict[str, torch.Tensor],
         warmup: int = 3,
     ) -> None:
+        if warmup < 1:
+            raise ValueError("GraphedStep needs >= 1 eager warm-up step before its capture")
         self.forward, self.optimizer = forward, optimizer
         self.images, self.labels, self.mean, self.std = images, labels, mean, std
         self.pad, self.precision, self.memory_format = pad, precision, memory_format
@@ -79,7 +83,7 @@ class GraphedStep:
                                   device=self.device)
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_lr: float | None = None
+        self.graph_lrs: tuple[float, ...] | None = None
 
     def _body(self) -> None:
         b = self.batch
@@ -98,8 +102,9 @@ class GraphedStep:
         add_to_window(self.sums, loss, wrong, b)
 
     def __call__(self, idx: torch.Tensor, offsets: torch.Tensor | None,
-                 flips: torch.Tensor | None, lr: float) -> None:
-        """One iteration on the batch `idx` with crops `offsets` and `flips` (CPU tensors)."""
+                 flips: torch.Tensor | None) -> None:
+        """One iteration on the batch `idx` with crops `offsets` and `flips` (CPU tensors), at
+        the learning rates the optimizer's groups hold now."""
         parts = [idx] if self.pad == 0 else [idx, offsets.flatten(), flips.long()]
         self.inputs.copy_(torch.cat(parts).pin_memory(), non_blocking=True)
         if self.calls < self.warmup:
@@ -110,10 +115,12 @@ class GraphedStep:
                 self._body()
             torch.cuda.current_stream(self.device).wait_stream(side)
             return
-        if self.graph is None or lr != self.graph_lr:
+        lrs = tuple(group["lr"] for group in self.optimizer.param_groups)
+        if self.graph is None or lrs != self.graph_lrs:
             self.graph = None  # release the old graph's memory before the new capture
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # A recompile cannot run inside a capture: fail with torch.compile's own message.
+            with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(graph):
                 self._body()
-            self.graph, self.graph_lr = graph, lr
+            self.graph, self.graph_lrs = graph, lrs
         self.graph.replay()

@@ -270,11 +270,14 @@ def train(
         compile_mode = COMPILE_MODES.get(dev.type)
     compiler_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
     forward = torch.compile(model, mode=compile_mode) if compile_model else model
-    # A graphed step cannot skip itself (--skip-nonfinite) or nest torch.compile's own graphs.
-    can_graph = dev.type == "cuda" and deferred_check and not compiler_graphs
+    # A graphed step cannot skip itself (--skip-nonfinite), nest torch.compile's own graphs,
+    # or read the RNG state as activation checkpointing does (not allowed while capturing).
+    can_graph = (dev.type == "cuda" and deferred_check and not compiler_graphs
+                 and not gradient_checkpointing)
     if cuda_graphs and not can_graph:
-        raise ValueError("--cuda-graphs on does not go with --skip-nonfinite or a compile mode "
-                         "that makes its own CUDA graphs")
+        raise ValueError("--cuda-graphs on does not go with --skip-nonfinite, "
+                         "--gradient-checkpointing or a compile mode that makes its own CUDA "
+                         "graphs")
     graphed = None
     if can_graph and cuda_graphs is not False:
         graphed = GraphedStep(
@@ -331,7 +334,7 @@ def train(
                 offsets, flips = crop_flip_draw(len(idx), recipe.pad,
                                                 _augment_generator(recipe.seed, step))
             if graphed is not None and not warmup:
-                graphed(idx, offsets, flips, lr)  # adds to the window's sums on the device
+                graphed(idx, offsets, flips)  # adds to the window's sums on the device
                 seen += recipe.batch_size
                 step += 1
             else:
