@@ -160,12 +160,15 @@ def _group(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
 def _provenance(results: Sequence[dict[str, Any]], data: str, command: str) -> list[str]:
     env = environment(resolve_device("auto"))
     wall = sum(r.get("wall_time_s", 0.0) for r in results)
-    commits = sorted({r.get("commit") or "unknown" for r in results})
+    # A resumed run was trained by every commit that resumed it, not only the first.
+    commits = sorted({c for r in results
+                      for c in (r.get("commit") or "unknown", *r.get("resumed_at_commits", ()))})
     cpus = sorted({r["hardware"] for r in results})  # set by run_arms
     return [
         f"- data: **{data}** (the paper's figures are CIFAR-10; ours are on the data named here)",
         f"- command: `{command}`",
-        f"- commits that trained the runs: {', '.join(c[:10] for c in commits)}; "
+        f"- commits that trained the runs (resumes included): "
+        f"{', '.join(c[:10] for c in commits)}; "
         f"report written at {(env['commit'] or 'unknown')[:10]}",
         f"- hardware: {'; '.join(cpus)}",
         f"- wall time of the runs: {wall / 3600:.2f} h in total",

@@ -111,3 +111,14 @@ def test_hardware_names_every_machine_a_resumed_run_used(tmp_path):
     assert rp._hardware(tmp_path) == "AMD EPYC 9B14, 2 cores, CPU only"
     (tmp_path / "env.json").write_text("{torn")
     assert rp._hardware(tmp_path) == "unknown"
+
+
+def test_provenance_names_the_commits_that_resumed_a_run():
+    results = [{"commit": "b" * 40, "resumed_at_commits": ["c" * 40, "a" * 40],
+                "hardware": "AMD EPYC, 2 cores, CPU only", "wall_time_s": 7200.0},
+               {"commit": None, "hardware": "NVIDIA H200", "wall_time_s": 1800.0}]
+    lines = rp._provenance(results, "fashion-mnist", "reslab reproduce table6")
+    commits = next(line for line in lines if line.startswith("- commits"))
+    assert f"{'a' * 10}, {'b' * 10}, {'c' * 10}, unknown;" in commits
+    assert "- wall time of the runs: 2.50 h in total" in lines
+    assert "- hardware: AMD EPYC, 2 cores, CPU only; NVIDIA H200" in lines
