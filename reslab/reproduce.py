@@ -185,7 +185,9 @@ def runs_table(results: Sequence[dict[str, Any]]) -> list[str]:
     ]
     for label, rs in _group(results).items():
         r0 = rs[0]
-        paper = PAPER_TABLE6.get(r0["depth"]) if not r0["plain"] else None
+        # Table 6's nets are option A with two-layer blocks; other arms have no paper figure.
+        as_table6 = r0["shortcut"] == "A" and r0.get("study_layers_per_block", 2) == 2
+        paper = PAPER_TABLE6.get(r0["depth"]) if as_table6 else None
         if paper is not None and r0["depth"] == 110:
             paper_s = PAPER_TABLE6_110
         else:

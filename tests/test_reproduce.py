@@ -122,3 +122,15 @@ def test_provenance_names_the_commits_that_resumed_a_run():
     assert f"{'a' * 10}, {'b' * 10}, {'c' * 10}, unknown;" in commits
     assert "- wall time of the runs: 2.50 h in total" in lines
     assert "- hardware: AMD EPYC, 2 cores, CPU only; NVIDIA H200" in lines
+
+
+def test_paper_column_only_for_table6_nets():
+    def run(label, shortcut, depth=20, **extra):
+        return {"label": label, "shortcut": shortcut, "depth": depth, "plain": shortcut == "none",
+                "params": 1, "iterations": 8000, "final_train_error": 0.1,
+                "final_test_error": 0.1, **extra}
+    rows = rp.runs_table([run("A", "A"), run("B", "B"), run("gated", "gated"), run("plain", "none"),
+                          run("k=3", "A", study_layers_per_block=3), run("110", "A", depth=110)])
+    paper = {row.split(" | ")[0][2:]: row.rstrip(" |").split(" | ")[-1] for row in rows[2:]}
+    assert paper == {"A": "8.75", "B": "—", "gated": "—", "plain": "—", "k=3": "—",
+                     "110": "6.43 (6.61 ± 0.16)"}
