@@ -186,7 +186,8 @@ def runs_table(results: Sequence[dict[str, Any]]) -> list[str]:
     for label, rs in _group(results).items():
         r0 = rs[0]
         # Table 6's nets are option A with two-layer blocks; other arms have no paper figure.
-        as_table6 = r0["shortcut"] == "A" and r0.get("study_layers_per_block", 2) == 2
+        # Summaries written before layers_per_block was recorded are all two-layer nets.
+        as_table6 = r0["shortcut"] == "A" and r0.get("layers_per_block", 2) == 2
         paper = PAPER_TABLE6.get(r0["depth"]) if as_table6 else None
         if paper is not None and r0["depth"] == 110:
             paper_s = PAPER_TABLE6_110
@@ -315,9 +316,9 @@ def write_outputs(
     data_name: str, command: str,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ("label", "model", "depth", "plain", "shortcut", "iterations", "params",
-            "final_train_error", "final_test_error", "seed", "wall_time_s", "run", "commit",
-            "cpu", "gpu")
+    keys = ("label", "model", "depth", "plain", "shortcut", "layers_per_block", "iterations",
+            "params", "final_train_error", "final_test_error", "seed", "wall_time_s", "run",
+            "commit", "cpu", "gpu")
     summary = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith("study_")}
                for r in results]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

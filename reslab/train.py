@@ -462,6 +462,7 @@ def train(
         "depth": model_depth(spec.model),
         "plain": shortcut == "none",
         "shortcut": shortcut,
+        "layers_per_block": spec.layers_per_block or 2,
         "iterations": recipe.iterations,
         "seed": recipe.seed,
         "params": sum(p.numel() for p in model.parameters()),

@@ -130,7 +130,7 @@ def test_paper_column_only_for_table6_nets():
                 "params": 1, "iterations": 8000, "final_train_error": 0.1,
                 "final_test_error": 0.1, **extra}
     rows = rp.runs_table([run("A", "A"), run("B", "B"), run("gated", "gated"), run("plain", "none"),
-                          run("k=3", "A", study_layers_per_block=3), run("110", "A", depth=110)])
+                          run("k=3", "A", layers_per_block=3), run("110", "A", depth=110)])
     paper = {row.split(" | ")[0][2:]: row.rstrip(" |").split(" | ")[-1] for row in rows[2:]}
     assert paper == {"A": "8.75", "B": "—", "gated": "—", "plain": "—", "k=3": "—",
                      "110": "6.43 (6.61 ± 0.16)"}

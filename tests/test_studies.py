@@ -74,6 +74,10 @@ def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
             assert e["final_train_error"] == e["final_train_error"]  # not NaN
         with Image.open(tmp_path / study / "curves.png") as im:
             im.verify()
+    # Each run's own summary records its block depth (the report does not infer it from names).
+    bd = json.loads((tmp_path / "bd" / "summary.json").read_text())
+    assert {e["label"]: e["layers_per_block"] for e in bd} == {
+        f"{n}-20 k={k}": k for n in ("plain", "ResNet") for k in (1, 2, 3)}
     report = (tmp_path / "sc" / "report.md").read_text()
     assert "gate_opening: stage1" in report and "lambda: stage1" in report
     summary = json.loads((tmp_path / "sc" / "summary.json").read_text())
