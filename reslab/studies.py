@@ -1,7 +1,7 @@
 """Beyond the paper: the seed's two open questions as studies (PAPER.md, last section).
 
 1. block-depth: residual functions of 1, 2 and 3 conv layers at a matched total depth of 56
-   weighted layers (18, 9 and 6 blocks per stage), each beside its plain twin.
+   weighted layers (18, 9 and 6 blocks per stage), beside their plain twin (one net for every k).
 2. shortcuts: identity with zero padding (A), projection where needed (B), projection everywhere
    (C), gated (highway-like), learned scalar, fixed 0.5 scaling, and none (plain).
 
@@ -65,11 +65,15 @@ def study_arms(study: str, data: str, depths: Sequence[int], iterations: int,
         recipe = study_recipe(iterations, seed)
         for depth in depths:
             if study == "block-depth":
+                # Without shortcuts a "block" only groups conv-BN-ReLU layers: plain-56 with
+                # k = 1, 2 or 3 is one network (same layers, order and initialisation), so the
+                # plain twin of every k is one arm, trained once.
+                spec = RunSpec(model=f"plain{depth}", data=data, recipe=recipe)
+                arms.append(Arm(f"plain-{depth} (every k)", canonical(spec)))
                 for k in (1, 2, 3):
-                    for family, name in (("plain", "plain"), ("resnet", "ResNet")):
-                        spec = RunSpec(model=f"{family}{depth}", data=data, recipe=recipe,
-                                       layers_per_block=k)
-                        arms.append(Arm(f"{name}-{depth} k={k}", canonical(spec)))
+                    spec = RunSpec(model=f"resnet{depth}", data=data, recipe=recipe,
+                                   layers_per_block=k)
+                    arms.append(Arm(f"ResNet-{depth} k={k}", canonical(spec)))
             else:
                 for shortcut in SHORTCUT_ARMS:
                     model = f"plain{depth}" if shortcut == "none" else f"resnet{depth}"

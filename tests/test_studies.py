@@ -32,7 +32,8 @@ def folder(tmp_path_factory) -> Path:
 
 def test_block_depth_arms_have_intended_layers():
     arms = study_arms("block-depth", "x", (56,), 100, 1)
-    assert len(arms) == 6
+    assert [a.label for a in arms] == ["plain-56 (every k)", "ResNet-56 k=1", "ResNet-56 k=2",
+                                       "ResNet-56 k=3"]
     from reslab import build_model
 
     for arm in arms:
@@ -44,6 +45,29 @@ def test_block_depth_arms_have_intended_layers():
     # ResNet-56 and plain-56 with 2-layer blocks are the reproduce runs, spelled the same way.
     names = {a.run_name() for a in arms}
     assert "resnet56-100it-seed0" in names and "plain56-100it-seed0" in names
+
+
+def test_plain_twin_is_one_net_for_every_block_depth():
+    """Why the block-depth study trains one plain arm: k only regroups conv-BN-ReLU layers."""
+    import torch
+
+    from reslab import build_model
+
+    x = torch.randn(2, 3, 32, 32)
+    outs, params = [], []
+    for k in (1, 2, 3):
+        torch.manual_seed(0)
+        model = build_model("plain20", layers_per_block=k).eval()
+        params.append([p.detach().clone() for p in model.parameters()])
+        outs.append(model(x))
+    for other, out in zip(params[1:], outs[1:], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(params[0], other, strict=True))
+        assert torch.equal(outs[0], out)
+    # ... which is not so with shortcuts: the residual functions differ.
+    torch.manual_seed(0)
+    one = build_model("resnet20", layers_per_block=1).eval()(x)
+    torch.manual_seed(0)
+    assert not torch.allclose(one, build_model("resnet20", layers_per_block=3).eval()(x))
 
 
 def test_shortcut_arms_reuse_reproduce_runs():
@@ -67,7 +91,7 @@ def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
     assert main(["study", "block-depth", "--out", str(tmp_path / "x"), *base[:-4],
                  "--depths", "14"]) == 2
     assert "18n+2" in capsys.readouterr().err
-    for study, arms in (("sc", 7), ("bd", 6)):
+    for study, arms in (("sc", 7), ("bd", 4)):
         summary = json.loads((tmp_path / study / "summary.json").read_text())
         assert len(summary) == arms
         for e in summary:
@@ -77,7 +101,7 @@ def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
     # Each run's own summary records its block depth (the report does not infer it from names).
     bd = json.loads((tmp_path / "bd" / "summary.json").read_text())
     assert {e["label"]: e["layers_per_block"] for e in bd} == {
-        f"{n}-20 k={k}": k for n in ("plain", "ResNet") for k in (1, 2, 3)}
+        "plain-20 (every k)": 2, "ResNet-20 k=1": 1, "ResNet-20 k=2": 2, "ResNet-20 k=3": 3}
     report = (tmp_path / "sc" / "report.md").read_text()
     assert "gate_opening: stage1" in report and "lambda: stage1" in report
     summary = json.loads((tmp_path / "sc" / "summary.json").read_text())
