@@ -17,7 +17,8 @@ PY=${PY:-python3}
 ITERATIONS=${ITERATIONS:-64000}
 DEVICE=${DEVICE:-cuda}
 BENCH_MODEL=${BENCH_MODEL:-resnet50}
-LANES=${LANES:-ab}      # lanes: a, b (the paper's runs below), s, k (issue #7's studies)
+LANES=${LANES:-ab}      # lanes: a, b (the paper's runs below), s, t, k (issue #7's studies)
+SEEDS=${SEEDS:-1}       # seeds per study arm (lanes s, t, k)
 SEED_RUNS=${SEED_RUNS:-}  # run folders to resume (e.g. carried from an earlier call)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RESLAB_DATA=$PWD/.data
 # perf_hints: torch.compile says when and why it skips CUDA graphs (see README.md here).
@@ -74,19 +75,24 @@ if [[ $LANES == *b* ]]; then
     ) > "$W/lane-b.log" 2>&1 &
   B=$!
 fi
-# Issue #7's studies (run with ITERATIONS=8000): shortcut mappings; layers per block.
-S=0 K=0
+# Issue #7's studies (run with ITERATIONS=8000): shortcut mappings at 56 (s) and 20 (t); layers
+# per block (k).
+S=0 T=0 K=0
 if [[ $LANES == *s* ]]; then
-  $R study shortcuts --out "$W/s" $F --depths 56 20 > "$W/lane-s.log" 2>&1 &
+  $R study shortcuts --out "$W/s" $F --depths 56 --seeds $SEEDS > "$W/lane-s.log" 2>&1 &
   S=$!
 fi
+if [[ $LANES == *t* ]]; then
+  $R study shortcuts --out "$W/t" $F --depths 20 --seeds $SEEDS > "$W/lane-t.log" 2>&1 &
+  T=$!
+fi
 if [[ $LANES == *k* ]]; then
-  $R study block-depth --out "$W/k" $F > "$W/lane-k.log" 2>&1 &
+  $R study block-depth --out "$W/k" $F --seeds $SEEDS > "$W/lane-k.log" 2>&1 &
   K=$!
 fi
 DEADLINE=$((LIMIT - BENCH_S - 30))
 alive() { [ "$1" != 0 ] && kill -0 "$1" 2>/dev/null; }
-while alive $A || alive $B || alive $S || alive $K; do
+while alive $A || alive $B || alive $S || alive $T || alive $K; do
     if [ $((SECONDS - T0)) -ge $DEADLINE ]; then
         log "deadline: stopping unfinished runs (SIGTERM: checkpoint, then exit)"
         pkill -TERM -f "reslab (reproduce|study).*--runs $W/runs"  # this call's runs only
@@ -97,6 +103,7 @@ done
 [ $A != 0 ] && { wait $A; log "lane A exit $?"; }
 [ $B != 0 ] && { wait $B; log "lane B exit $?"; }
 [ $S != 0 ] && { wait $S; log "lane S exit $?"; }
+[ $T != 0 ] && { wait $T; log "lane T exit $?"; }
 [ $K != 0 ] && { wait $K; log "lane K exit $?"; }
 grep -h "^== \|final\|finished\|error\|Error\|stopped" "$W"/lane-*.log | tail -30 | tee -a "$OUT/log.txt"
 for s in "$W"/runs/*/summary.json; do
