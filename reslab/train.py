@@ -33,7 +33,7 @@ from .checkpoint import (
 from .data import BatchStream, Dataset, channel_stats, crop_flip_draw, load_dataset, to_device
 from .data import pixel_mean as compute_pixel_mean
 from .evaluate import evaluate
-from .models import build_model, default_shortcut, model_family
+from .models import ResidualBlock, build_model, default_shortcut, model_family
 from .recipes import Recipe, learning_rate
 from .runfolder import (
     RunFolderError,
@@ -462,7 +462,9 @@ def train(
         "depth": model_depth(spec.model),
         "plain": shortcut == "none",
         "shortcut": shortcut,
-        "layers_per_block": spec.layers_per_block or 2,
+        # From the built blocks, so a bottleneck net says 3 (its spec leaves the field unset).
+        "layers_per_block": max(b.num_layers for b in model.modules()
+                                if isinstance(b, ResidualBlock)),
         "iterations": recipe.iterations,
         "seed": recipe.seed,
         "params": sum(p.numel() for p in model.parameters()),
