@@ -113,6 +113,10 @@ def what_the_network_chose(run_dir: Path, data: Dataset) -> dict[str, Any]:
                 h.remove()
         # T weighs F(x); 1 - T the shortcut: a mean T of 0.1 means 90% carried by the shortcut.
         out["gate_opening_per_stage"] = {k: statistics.mean(v) for k, v in sums.items() if v}
+        # Each block's mean over the test batches (the hooks append in block order per batch).
+        out["gate_opening_per_block"] = {
+            k: [statistics.mean(v[i::len(gates[k])]) for i in range(len(gates[k]))]
+            for k, v in sums.items() if v}
     return out
 
 
@@ -176,6 +180,16 @@ def run_study(
             f"| {label} | {rs[0]['params']:,} | {rs[0]['study_multiply_adds'] / 1e6:.1f}M | "
             f"{seed_stats([r['final_test_error'] for r in rs])} | {chosen} |"
         )
+    per_block = [
+        f"| {r['label']} | {r['seed']} | {kind.replace('_per_block', '')} | "
+        + " | ".join(", ".join(f"{x:.2f}" for x in d.get(f"stage{s}", [])) for s in (1, 2, 3))
+        + " |"
+        for r in results for kind, d in r["study_choice"].items() if kind.endswith("_per_block")]
+    if per_block:
+        # Stage means hide sign flips and single outlying blocks; the reader sees every block.
+        sections += ["", "### What the network chose, block by block", "",
+                     "| arm | seed | value | stage 1 blocks | stage 2 blocks | stage 3 blocks |",
+                     "|---|---|---|---|---|---|", *per_block]
     if results:
         if study == "block-depth":
             panels = (("plain nets", "plain"), ("ResNets", "ResNet"))

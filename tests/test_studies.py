@@ -107,6 +107,14 @@ def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
     summary = json.loads((tmp_path / "sc" / "summary.json").read_text())
     gated = next(e for e in summary if e["label"] == "d20 gated")
     assert set(gated["study_choice"]["gate_opening_per_stage"]) == {"stage1", "stage2", "stage3"}
+    # Per block: ResNet-20 has three blocks a stage, and their mean is the stage's mean.
+    for kind in ("gate_opening", "lambda"):
+        arm = next(e for e in summary if f"{kind}_per_block" in e["study_choice"])
+        blocks, stages = (arm["study_choice"][f"{kind}_{x}"] for x in ("per_block", "per_stage"))
+        assert [len(v) for v in blocks.values()] == [3, 3, 3]
+        for stage, v in blocks.items():
+            assert sum(v) / 3 == pytest.approx(stages[stage])
+        assert f"| {arm['label']} | 0 | {kind} | " in report
     report_before = report
     assert main(["study", "shortcuts", "--out", str(tmp_path / "sc"), *base,
                  "--report-only"]) == 0
