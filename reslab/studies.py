@@ -180,16 +180,18 @@ def run_study(
             f"| {label} | {rs[0]['params']:,} | {rs[0]['study_multiply_adds'] / 1e6:.1f}M | "
             f"{seed_stats([r['final_test_error'] for r in rs])} | {chosen} |"
         )
-    per_block = [
-        f"| {r['label']} | {r['seed']} | {kind.replace('_per_block', '')} | "
-        + " | ".join(", ".join(f"{x:.2f}" for x in d.get(f"stage{s}", [])) for s in (1, 2, 3))
-        + " |"
-        for r in results for kind, d in r["study_choice"].items() if kind.endswith("_per_block")]
-    if per_block:
+    chosen_blocks = [(r, kind.replace("_per_block", ""), d) for r in results
+                     for kind, d in r["study_choice"].items() if kind.endswith("_per_block")]
+    if chosen_blocks:
         # Stage means hide sign flips and single outlying blocks; the reader sees every block.
+        n = max(len(d) for *_, d in chosen_blocks)  # 3 stages on CIFAR nets, 4 on ImageNet's
         sections += ["", "### What the network chose, block by block", "",
-                     "| arm | seed | value | stage 1 blocks | stage 2 blocks | stage 3 blocks |",
-                     "|---|---|---|---|---|---|", *per_block]
+                     "| arm | seed | value | "
+                     + " | ".join(f"stage {s} blocks" for s in range(1, n + 1)) + " |",
+                     "|---|---|---|" + "---|" * n]
+        sections += [f"| {r['label']} | {r['seed']} | {kind} | " + " | ".join(
+            ", ".join(f"{x:.2f}" for x in d.get(f"stage{s}", [])) for s in range(1, n + 1)) + " |"
+            for r, kind, d in chosen_blocks]
     if results:
         if study == "block-depth":
             panels = (("plain nets", "plain"), ("ResNets", "ResNet"))
