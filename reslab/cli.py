@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-init-residual", action="store_true")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the model (auto: on for runs of >= 4000 iterations)")
+                   help="torch.compile the model (auto: on for runs of >= 5000 iterations)")
     p.add_argument("--compile-mode",
                    choices=("default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"),

@@ -47,9 +47,7 @@ from .step import GraphedStep, add_to_window, augmented_batch, forward_loss
 
 # torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
 # it pays back after ~3k iterations of ResNet-20, so long runs compile and short ones do not.
-# The `make run` schedule (4,500) compiles: timed against eager over whole runs in
-# results/fashion-mnist/make-run-paths.
-COMPILE_MIN_ITERATIONS = 4_000
+COMPILE_MIN_ITERATIONS = 5_000
 # torch.compile's mode by device when none is given. On a GPU the whole step is captured as one
 # CUDA graph (step.GraphedStep) around the default mode: "reduce-overhead" skips its graphs for
 # BN's in-place statistics updates (results/h200).
