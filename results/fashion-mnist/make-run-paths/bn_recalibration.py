@@ -14,7 +14,7 @@ from reslab.train import load_trained
 
 
 @torch.no_grad()
-def recalibrate(model: nn.Module, images, mean, batches: int, bf16: bool) -> None:
+def recalibrate(model: nn.Module, images, mean, std, batches: int, bf16: bool) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.reset_running_stats()
@@ -23,10 +23,9 @@ def recalibrate(model: nn.Module, images, mean, batches: int, bf16: bool) -> Non
     g = torch.Generator().manual_seed(2)
     for _ in range(batches):
         idx = torch.randint(0, len(images), (128,), generator=g)
-        x = pad_crop_flip(normalize(images[idx], mean), 4, g)
+        x = pad_crop_flip(normalize(images[idx], mean, std), 4, g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x)
-    model.eval()
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for bf16 in (False, True):
         model.load_state_dict(state)
-        recalibrate(model, data.train_images, mean, batches=200, bf16=bf16)
+        recalibrate(model, data.train_images, mean, std, batches=200, bf16=bf16)
         for p in ("fp32", "bf16"):
             err, _ = evaluate(model, data.test_images, data.test_labels, mean, std, precision=p)
             print(f"BN stats re-estimated in {'bf16' if bf16 else 'fp32'}, eval {p}: "
