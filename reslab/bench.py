@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import allocator
 from .complexity import describe
 from .data import crop_flip_draw, normalize, pad_crop_flip, to_device
 from .evaluate import autocast
@@ -342,31 +343,12 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
                            "whole_step_cuda_graph": best.whole_step_graph,
                            "multiply_adds_per_image": info.multiply_adds,
                            "peak_fp32_madds_per_s": peak_fp32, "peak_bf16_madds_per_s": peak_bf16}
-    ours = time_training(name, images, labels, best, batch_size, steps)
-    ours_model = time_training(name, images, labels, best, batch_size, steps, model_only=True)
+    # What a user's own script gets first: the reference and every technique alone, with the
+    # process's malloc as glibc sets it. reslab's path then runs as train() runs it, with
+    # freed memory kept (allocator.py); that cannot be undone within a process, so it comes last.
     ref_e2e = time_training(name, images, labels, replace(ref, batched_aug=False), batch_size,
                             steps)
     ref_model = time_training(name, images, labels, ref, batch_size, steps, model_only=True)
-    out.update({
-        "images_per_second": ours["images_per_second"],
-        "warmup_s": ours["warmup_s"],
-        "step_split": ours["step_split"],
-        "model_only_images_per_second": ours_model["images_per_second"],
-        "reference_images_per_second": ref_e2e["images_per_second"],
-        "reference_step_split": ref_e2e["step_split"],
-        "reference_model_only_images_per_second": ref_model["images_per_second"],
-    })
-    out["ratio"] = out["images_per_second"] / out["reference_images_per_second"]
-    out["model_only_ratio"] = (out["model_only_images_per_second"]
-                               / out["reference_model_only_images_per_second"])
-    # Training costs ~3x the forward multiply-adds (forward, two backward products).
-    achieved = 3 * info.multiply_adds * out["model_only_images_per_second"]
-    out["achieved_madds_per_s"] = achieved
-    out["peak_fraction"] = achieved / peak_bf16
-    out["peak_fraction_fp32"] = achieved / peak_fp32
-    split = kernel_split(name, images, best, batch_size, max(steps // 2, 2), info.multiply_adds)
-    split["convolution_peak_fraction"] = split["convolution_madds_per_s"] / peak_bf16
-    out["kernel_split"] = split
     if ablation:
         base = ref_model["images_per_second"]
         rows = {"eager fp32 NCHW (baseline)": base}
@@ -382,8 +364,6 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
                 continue
             rows[label] = time_training(name, images, labels, setup, batch_size, steps,
                                         model_only=True)["images_per_second"]
-        out["ablation_model_only"] = {k: {"images_per_second": v, "gain": v / base}
-                                      for k, v in rows.items()}
         # Data: batched tensor augmentation vs per-sample torchvision, same eager fp32 model.
         batched = time_training(name, images, labels, ref, batch_size, steps)
         out["ablation_data"] = {
@@ -398,6 +378,46 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
             out["ablation_threads"] = {"1 thread": one,
                                        f"{torch.get_num_threads()} threads": base,
                                        "gain": base / one}
+    first_warmup = None
+    if dev.type == "cpu" and not allocator.kept():
+        untuned = time_training(name, images, labels, best, batch_size, steps, model_only=True)
+        first_warmup = untuned["warmup_s"]  # the compile, from whatever cache there was
+        kept = allocator.keep_freed_memory()
+        if kept:
+            out["model_only_images_per_second_glibc_malloc"] = untuned["images_per_second"]
+            if ablation:
+                rows["malloc keeps freed memory"] = time_training(
+                    name, images, labels, ref, batch_size, steps,
+                    model_only=True)["images_per_second"]
+    out["malloc_keeps_freed_memory"] = allocator.kept()
+    if ablation:
+        out["ablation_model_only"] = {k: {"images_per_second": v, "gain": v / base}
+                                      for k, v in rows.items()}
+    ours = time_training(name, images, labels, best, batch_size, steps)
+    ours_model = time_training(name, images, labels, best, batch_size, steps, model_only=True)
+    out.update({
+        "images_per_second": ours["images_per_second"],
+        "warmup_s": first_warmup if first_warmup is not None else ours["warmup_s"],
+        "step_split": ours["step_split"],
+        "model_only_images_per_second": ours_model["images_per_second"],
+        "reference_images_per_second": ref_e2e["images_per_second"],
+        "reference_step_split": ref_e2e["step_split"],
+        "reference_model_only_images_per_second": ref_model["images_per_second"],
+    })
+    if "model_only_images_per_second_glibc_malloc" in out:
+        out["malloc_gain"] = (out["model_only_images_per_second"]
+                              / out["model_only_images_per_second_glibc_malloc"])
+    out["ratio"] = out["images_per_second"] / out["reference_images_per_second"]
+    out["model_only_ratio"] = (out["model_only_images_per_second"]
+                               / out["reference_model_only_images_per_second"])
+    # Training costs ~3x the forward multiply-adds (forward, two backward products).
+    achieved = 3 * info.multiply_adds * out["model_only_images_per_second"]
+    out["achieved_madds_per_s"] = achieved
+    out["peak_fraction"] = achieved / peak_bf16
+    out["peak_fraction_fp32"] = achieved / peak_fp32
+    split = kernel_split(name, images, best, batch_size, max(steps // 2, 2), info.multiply_adds)
+    split["convolution_peak_fraction"] = split["convolution_madds_per_s"] / peak_bf16
+    out["kernel_split"] = split
     return out
 
 

@@ -232,6 +232,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"  reslab model only      {r['model_only_images_per_second']:>8.0f} img/s")
     print(f"  eager fp32 model only  {r['reference_model_only_images_per_second']:>8.0f} img/s"
           f"   ratio x{r['model_only_ratio']:.2f}")
+    if "malloc_gain" in r:
+        print(f"  ... with glibc's malloc {r['model_only_images_per_second_glibc_malloc']:>7.0f} "
+              f"img/s   reslab's (freed memory kept) x{r['malloc_gain']:.2f}")
     print(f"  peak probe: fp32 {r['peak_fp32_madds_per_s'] / 1e9:.0f}, bf16 "
           f"{r['peak_bf16_madds_per_s'] / 1e9:.0f} G multiply-adds/s; achieved "
           f"{r['achieved_madds_per_s'] / 1e9:.0f} G = {100 * r['peak_fraction']:.0f}% of bf16")

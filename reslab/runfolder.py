@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import allocator
 from .checkpoint import WEIGHTS, write_text
 
 
@@ -53,6 +54,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": allocator.kept(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "command": sys.argv,
