@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import allocator
 from .complexity import describe
 from .data import crop_flip_draw, normalize, pad_crop_flip, to_device
 from .evaluate import autocast
@@ -44,6 +41,7 @@ class Setup:
     device: str = "cpu"
     compile_mode: str | None = None  # torch.compile's; "reduce-overhead" adds CUDA graphs
     whole_step_graph: bool = False  # reslab's CUDA path: the whole step as one CUDA graph
+    fused_sgd: bool = False  # one kernel for the whole update, as train() runs SGD
 
     @property
     def cuda_graphs(self) -> bool:
@@ -126,7 +124,7 @@ def _model(name: str, channels: int, setup: Setup) -> tuple[nn.Module, Callable]
 def _step_fn(model, forward, setup: Setup):
     dev = torch.device(setup.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
-                          fused=dev.type == "cuda")
+                          fused=setup.fused_sgd or dev.type == "cuda")
     fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
 
     def step(x: torch.Tensor, y: torch.Tensor, timings: dict[str, list[float]] | None = None):
@@ -335,7 +333,7 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     # reslab's training path: the same choices train() makes for this device.
     best = Setup(precision="bf16", channels_last=True, compile=compile_model, batched_aug=True,
                  device=device, compile_mode=COMPILE_MODES.get(dev.type),
-                 whole_step_graph=dev.type == "cuda")
+                 whole_step_graph=dev.type == "cuda", fused_sgd=True)
     ref = Setup(device=device)
     out: dict[str, Any] = {"model": name, "batch_size": batch_size, "input_size": size,
                            "steps": steps, "threads": torch.get_num_threads(),
@@ -345,63 +343,11 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
                            "whole_step_cuda_graph": best.whole_step_graph,
                            "multiply_adds_per_image": info.multiply_adds,
                            "peak_fp32_madds_per_s": peak_fp32, "peak_bf16_madds_per_s": peak_bf16}
-    # What a user's own script gets first: the reference and every technique alone, with the
-    # process's malloc as glibc sets it. reslab's path then runs as train() runs it, with
-    # freed memory kept (allocator.py); that cannot be undone within a process, so it comes last.
+    ours = time_training(name, images, labels, best, batch_size, steps)
+    ours_model = time_training(name, images, labels, best, batch_size, steps, model_only=True)
     ref_e2e = time_training(name, images, labels, replace(ref, batched_aug=False), batch_size,
                             steps)
     ref_model = time_training(name, images, labels, ref, batch_size, steps, model_only=True)
-    if ablation:
-        base = ref_model["images_per_second"]
-        rows = {"eager fp32 NCHW (baseline)": base}
-        alone = [("bf16 autocast", replace(ref, precision="bf16")),
-                 ("channels_last", replace(ref, channels_last=True)),
-                 ("torch.compile", replace(ref, compile=True))]
-        if dev.type == "cuda":
-            alone.append(("torch.compile + CUDA graphs",
-                          replace(ref, compile=True, compile_mode="reduce-overhead")))
-            alone.append(("whole step as one CUDA graph", replace(ref, whole_step_graph=True)))
-        for label, setup in alone:
-            if setup.compile and not compile_model:
-                continue
-            rows[label] = time_training(name, images, labels, setup, batch_size, steps,
-                                        model_only=True)["images_per_second"]
-        # Data: batched tensor augmentation vs per-sample torchvision, same eager fp32 model.
-        batched = time_training(name, images, labels, ref, batch_size, steps)
-        out["ablation_data"] = {
-            "per-sample torchvision + DataLoader(2 workers)": ref_e2e["images_per_second"],
-            "batched tensor augmentation": batched["images_per_second"],
-            "gain": batched["images_per_second"] / ref_e2e["images_per_second"],
-        }
-        if dev.type == "cpu":  # host threads matter little when a GPU runs the step
-            with _threads(1):
-                one = time_training(name, images, labels, Setup(), batch_size,
-                                    max(steps // 2, 3), model_only=True)["images_per_second"]
-            out["ablation_threads"] = {"1 thread": one,
-                                       f"{torch.get_num_threads()} threads": base,
-                                       "gain": base / one}
-    if ablation:
-        out["ablation_model_only"] = {k: {"images_per_second": v, "gain": v / base}
-                                      for k, v in rows.items()}
-    if dev.type == "cpu":
-        # reslab's path runs as `reslab train` runs it: in a process of its own whose host
-        # memory is tuned from its start (allocator.py: torch reads the huge-page switch once).
-        # The same path in this process, as glibc and torch set it, gives that tuning's gain.
-        here = {"malloc_keeps_freed_memory": allocator.kept(),
-                "huge_pages": allocator.huge_pages()}
-        untuned = time_training(name, images, labels, best, batch_size, steps, model_only=True)
-        mine = _in_own_process(name, in_channels, size, batch_size, steps, compile_model)
-        ours, ours_model, split = mine["end_to_end"], mine["model_only"], mine["kernel_split"]
-        ours["warmup_s"] = untuned["warmup_s"]  # the first compile, from the cache there was
-        out["host_memory"] = mine["host_memory"]
-        out["host_memory_here"] = here
-        if not any(here.values()):
-            out["model_only_images_per_second_untuned_memory"] = untuned["images_per_second"]
-            out["host_memory_gain"] = (ours_model["images_per_second"]
-                                       / untuned["images_per_second"])
-    else:
-        ours, ours_model, split = _reslab_path(name, images, labels, best, batch_size, steps,
-                                               info.multiply_adds)
     out.update({
         "images_per_second": ours["images_per_second"],
         "warmup_s": ours["warmup_s"],
@@ -419,42 +365,43 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     out["achieved_madds_per_s"] = achieved
     out["peak_fraction"] = achieved / peak_bf16
     out["peak_fraction_fp32"] = achieved / peak_fp32
+    split = kernel_split(name, images, best, batch_size, max(steps // 2, 2), info.multiply_adds)
     split["convolution_peak_fraction"] = split["convolution_madds_per_s"] / peak_bf16
     out["kernel_split"] = split
+    if ablation:
+        base = ref_model["images_per_second"]
+        rows = {"eager fp32 NCHW (baseline)": base}
+        alone = [("bf16 autocast", replace(ref, precision="bf16")),
+                 ("channels_last", replace(ref, channels_last=True)),
+                 ("torch.compile", replace(ref, compile=True))]
+        if dev.type == "cpu":  # a GPU runs every optimizer fused, the reference's too
+            alone.append(("fused SGD", replace(ref, fused_sgd=True)))
+        if dev.type == "cuda":
+            alone.append(("torch.compile + CUDA graphs",
+                          replace(ref, compile=True, compile_mode="reduce-overhead")))
+            alone.append(("whole step as one CUDA graph", replace(ref, whole_step_graph=True)))
+        for label, setup in alone:
+            if setup.compile and not compile_model:
+                continue
+            rows[label] = time_training(name, images, labels, setup, batch_size, steps,
+                                        model_only=True)["images_per_second"]
+        out["ablation_model_only"] = {k: {"images_per_second": v, "gain": v / base}
+                                      for k, v in rows.items()}
+        # Data: batched tensor augmentation vs per-sample torchvision, same eager fp32 model.
+        batched = time_training(name, images, labels, ref, batch_size, steps)
+        out["ablation_data"] = {
+            "per-sample torchvision + DataLoader(2 workers)": ref_e2e["images_per_second"],
+            "batched tensor augmentation": batched["images_per_second"],
+            "gain": batched["images_per_second"] / ref_e2e["images_per_second"],
+        }
+        if dev.type == "cpu":  # host threads matter little when a GPU runs the step
+            with _threads(1):
+                one = time_training(name, images, labels, Setup(), batch_size,
+                                    max(steps // 2, 3), model_only=True)["images_per_second"]
+            out["ablation_threads"] = {"1 thread": one,
+                                       f"{torch.get_num_threads()} threads": base,
+                                       "gain": base / one}
     return out
-
-
-def _reslab_path(name: str, images, labels, setup: Setup, batch_size: int, steps: int,
-                 multiply_adds: int) -> tuple[dict, dict, dict]:
-    """reslab's path: end to end, model only, and where a model-only step's time goes."""
-    ours = time_training(name, images, labels, setup, batch_size, steps)
-    ours_model = time_training(name, images, labels, setup, batch_size, steps, model_only=True)
-    split = kernel_split(name, images, setup, batch_size, max(steps // 2, 2), multiply_adds)
-    return ours, ours_model, split
-
-
-def _in_own_process(name: str, in_channels: int, size: int, batch_size: int, steps: int,
-                    compile_model: bool) -> dict[str, Any]:
-    """_reslab_path on the CPU in a fresh process, host memory tuned before its first tensor."""
-    args = json.dumps([name, in_channels, size, batch_size, steps, compile_model])
-    code = "import sys; from reslab.bench import own_process_main; own_process_main(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"reslab's path failed in its own process:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
-
-
-def own_process_main(args: str) -> None:
-    """The child of _in_own_process: prints its measurements as one JSON line."""
-    host = allocator.tune_host_memory()  # first: before this process's first tensor
-    name, in_channels, size, batch_size, steps, compile_model = json.loads(args)
-    images, labels = _images(max(4 * batch_size, 2048), in_channels, size)
-    best = Setup(precision="bf16", channels_last=True, compile=compile_model)
-    info = describe(name, input_size=size, in_channels=in_channels)
-    ours, ours_model, split = _reslab_path(name, images, labels, best, batch_size, steps,
-                                           info.multiply_adds)
-    print(json.dumps({"end_to_end": ours, "model_only": ours_model, "kernel_split": split,
-                      "host_memory": host}))
 
 
 @contextlib.contextmanager

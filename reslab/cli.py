@@ -232,10 +232,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"  reslab model only      {r['model_only_images_per_second']:>8.0f} img/s")
     print(f"  eager fp32 model only  {r['reference_model_only_images_per_second']:>8.0f} img/s"
           f"   ratio x{r['model_only_ratio']:.2f}")
-    if "host_memory_gain" in r:
-        on = [k for k, v in r["host_memory"].items() if v]
-        print(f"  ... host memory untuned {r['model_only_images_per_second_untuned_memory']:>7.0f} "
-              f"img/s   tuned ({', '.join(on) or 'nothing'}) x{r['host_memory_gain']:.2f}")
     print(f"  peak probe: fp32 {r['peak_fp32_madds_per_s'] / 1e9:.0f}, bf16 "
           f"{r['peak_bf16_madds_per_s'] / 1e9:.0f} G multiply-adds/s; achieved "
           f"{r['achieved_madds_per_s'] / 1e9:.0f} G = {100 * r['peak_fraction']:.0f}% of bf16")
@@ -357,15 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tune_host_memory(device: str) -> None:
-    """Before the first tensor: torch reads the huge-page switch once (allocator.py)."""
-    from .allocator import tune_host_memory
-    from .train import resolve_device
-
-    if resolve_device(device).type == "cpu":
-        tune_host_memory()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -373,8 +360,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: 2 for usage errors, 0 for --help
         return int(e.code or 0)
     try:
-        if args.command in ("train", "reproduce", "study"):
-            _tune_host_memory(args.device)
         return args.func(args)
     except (UsageError, ValueError) as e:
         print(f"reslab {args.command}: error: {e}", file=sys.stderr)

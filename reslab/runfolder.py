@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from . import allocator
 from .checkpoint import WEIGHTS, write_text
 
 
@@ -54,8 +53,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "malloc_keeps_freed_memory": allocator.kept(),
-        "huge_pages": allocator.huge_pages(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "command": sys.argv,

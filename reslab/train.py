@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .allocator import tune_host_memory
 from .checkpoint import (
     WEIGHTS,
     CheckpointError,
@@ -181,8 +180,6 @@ def train(
     dev = resolve_device(device)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {dev}; omit --cuda-graphs")
-    if dev.type == "cpu":  # each step's activations reuse kept pages (allocator.py)
-        tune_host_memory()
     recipe = replace(spec.recipe, precision=resolve_precision(spec.recipe.precision, dev))
     spec = replace(spec, recipe=recipe)
     family = model_family(spec.model)  # validates the name before any data is read

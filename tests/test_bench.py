@@ -34,9 +34,6 @@ def test_bench_train_and_infer_json(capsys):
         assert r[key] > 0, key
     assert abs(sum(r["step_split"].values()) - 1) < 0.05
     assert 0 < r["kernel_split"]["convolution_share"] < 1
-    # reslab's path ran in its own process with host memory tuned from its start (allocator.py).
-    assert set(r["host_memory"]) == {"malloc_keeps_freed_memory", "huge_pages"}
-    assert r.get("host_memory_gain", 1) > 0
     assert main(["bench", "infer", "resnet8", "--batch-size", "4", "--no-compile",
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

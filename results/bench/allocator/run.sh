@@ -9,11 +9,12 @@ set -euo pipefail
 R=.venv/bin/reslab
 work=${WORK:-/tmp/reslab-allocator}
 rounds=${ROUNDS:-3}
+memories=${MEMORIES:-defaults kept kept+huge}
 mkdir -p "$work"
 echo "commit $(git rev-parse HEAD), $(date -u +%FT%TZ), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 for i in $(seq 1 "$rounds"); do
   for compile in off on; do
-    for memory in defaults kept kept+huge; do
+    for memory in $memories; do
       run=$work/$compile-$memory
       rm -rf "$run"
       case $memory in
