@@ -215,7 +215,8 @@ def train(
     # channels_last: faster fp32 convolutions on CPU (oneDNN) and tensor cores on GPU.
     memory_format = torch.channels_last
     model = model.to(memory_format=memory_format)
-    # fused=True: one kernel for the whole update, 8% faster per ResNet-20 step on 2 CPU cores.
+    # fused=True: one kernel for the whole update. On a CPU the optimizer is ~0.5% of a step
+    # either way (results/bench: fused SGD alone 0.98x); on a GPU it saves launches.
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
         weight_decay=recipe.weight_decay, fused=dev.type in ("cpu", "cuda"),
