@@ -2,9 +2,10 @@
 # reslab's malloc setting (reslab/allocator.py) in real training runs: ResNet-20 on Fashion-MNIST,
 # 600 iterations, the same seed, alternating three processes so all see the same machine: glibc's
 # and torch's defaults (RESLAB_KEEP_FREED_MEMORY=0 THP_MEM_ALLOC_ENABLE=0), freed memory kept only
-# (THP_MEM_ALLOC_ENABLE=0), and reslab's default (kept, on huge pages).
+# (THP_MEM_ALLOC_ENABLE=0), and both (kept, on huge pages: reslab's default at e6f7c84).
 # Each line: wall time, minor page faults (GNU time), steady-state iterations/s from metrics.jsonl
-# (iterations 120-594), final test error. Run from the repo root.
+# (iterations 120-594), final test error. Run from the repo root of a checkout of e6f7c84: the
+# settings it compares (and the env.json keys it reads) were reverted in 458128c.
 set -euo pipefail
 R=.venv/bin/reslab
 work=${WORK:-/tmp/reslab-allocator}
