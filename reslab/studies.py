@@ -28,6 +28,7 @@ from .reproduce import (
     Arm,
     compute_responses,
     plot_fig6,
+    read_metrics,
     run_arms,
     runs_table,
     seed_stats,
@@ -47,6 +48,8 @@ SHORTCUT_ARMS = {
     "none": "none (plain)",
 }
 STUDIES = ("block-depth", "shortcuts")
+# Each arm is compared with the paper's design at its depth: two-layer blocks, option A.
+REFERENCE = {"block-depth": "ResNet-{depth} k=2", "shortcuts": "d{depth} A"}
 
 
 def canonical(spec: RunSpec) -> RunSpec:
@@ -120,6 +123,72 @@ def what_the_network_chose(run_dir: Path, data: Dataset) -> dict[str, Any]:
     return out
 
 
+def _gap(values: Sequence[float], ref: Sequence[float]) -> str:
+    """Mean difference in points, with its standard error when both sides have seeds to spare."""
+    gap = 100 * (statistics.mean(values) - statistics.mean(ref))
+    if len(values) < 2 or len(ref) < 2:
+        return f"{gap:+.2f}"
+    se = 100 * (statistics.variance(values) / len(values)
+                + statistics.variance(ref) / len(ref)) ** 0.5
+    return f"{gap:+.2f} ± {se:.2f}"
+
+
+def _order(curves: Sequence[Sequence[dict[str, float]]],
+           ref: Sequence[Sequence[dict[str, float]]], key: str) -> str:
+    """At each evaluation: is the arm's mean below all of the reference's seeds, among, or above?"""
+    steps = sorted(set.intersection(*({e["step"] for e in c} for c in (*curves, *ref))))
+    if not steps:
+        return "—"
+    at = [{e["step"]: e[key] for e in c} for c in (*curves, *ref)]
+    ours, theirs = at[:len(curves)], at[len(curves):]
+    marks = []
+    for step in steps:
+        mean = statistics.mean(c[step] for c in ours)
+        lo, hi = min(c[step] for c in theirs), max(c[step] for c in theirs)
+        marks.append(0 if mean < lo else 2 if mean > hi else 1)
+
+    def count(ms: Sequence[int]) -> str:
+        return " · ".join(str(ms.count(i)) for i in range(3))
+
+    half = marks[len(marks) // 2:]
+    return f"{count(marks)} (last {len(half)}: {count(half)})"
+
+
+def versus_reference(study: str, results: Sequence[dict[str, Any]], runs_dir: Path) -> list[str]:
+    """Each arm against the paper's design at its depth: final gaps and the order at every
+    evaluation, so that a reader can tell a difference from seed noise (the report's numbers)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["label"], []).append(r)
+    curves = {label: [[e for e in read_metrics(runs_dir / r["run"]) if "test_error" in e]
+                      for r in rs] for label, rs in groups.items()}
+    lines = []
+    for label, rs in groups.items():
+        ref = REFERENCE[study].format(depth=rs[0]["depth"])
+        if label == ref or ref not in groups:
+            continue
+        theirs = groups[ref]
+        lines.append(
+            f"| {label} | {ref} | {len(rs)} / {len(theirs)} | "
+            + " | ".join(_gap([r[k] for r in rs], [r[k] for r in theirs])
+                         for k in ("final_test_error", "final_train_error"))
+            + " | " + " | ".join(_order(curves[label], curves[ref], k)
+                                 for k in ("test_error", "train_error")) + " |")
+    if not lines:
+        return []
+    return [
+        "## Against the paper's design, seed noise included", "",
+        "Gaps are the arm's mean minus the reference's, in points of error (± the standard error "
+        "of that difference where both have two or more seeds). The order columns count the "
+        "evaluations at which the arm's mean error was below all of the reference's seeds · "
+        "among them · above all of them, over the whole run and over its second half.", "",
+        "| arm | reference | seeds | final test error gap | final train error gap | "
+        "test error: below · among · above | train error: below · among · above |",
+        "|---|---|---|---|---|---|---|",
+        *lines, "",
+    ]
+
+
 def run_study(
     study: str,
     *,
@@ -164,6 +233,7 @@ def run_study(
     pending = unfinished(arms, runs_dir)
     sections = ["## Final errors", "", *runs_table(results), "",
                 *(["## Runs not finished yet", "", *pending, ""] if pending else []),
+                *versus_reference(study, results, runs_dir),
                 "## Cost and what the network chose", "",
                 "| arm | params | multiply-adds / image | final test error % | chosen |",
                 "|---|---|---|---|---|"]

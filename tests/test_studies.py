@@ -12,7 +12,7 @@ from conftest import make_dataset, write_image_folder
 from reslab import reproduce as rp
 from reslab.cli import main
 from reslab.models import ResidualBlock
-from reslab.studies import study_arms
+from reslab.studies import study_arms, versus_reference
 from reslab.train import load_trained
 
 
@@ -115,6 +115,7 @@ def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
         for stage, v in blocks.items():
             assert sum(v) / 3 == pytest.approx(stages[stage])
         assert f"| {arm['label']} | 0 | {kind} | " in report
+    assert "| d20 gated | d20 A | 1 / 1 | " in report  # every arm against option A
     report_before = report
     assert main(["study", "shortcuts", "--out", str(tmp_path / "sc"), *base,
                  "--report-only"]) == 0
@@ -122,3 +123,36 @@ def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
     model, *_ = load_trained(pool / "resnet20-scaled-8it-seed0")
     lams = [b.shortcut_scale.item() for b in model.modules() if isinstance(b, ResidualBlock)]
     assert any(abs(v - 1.0) > 1e-6 for v in lams)  # λ received gradient and moved
+
+
+def test_versus_reference_counts_evaluations_and_gaps(tmp_path):
+    """The order at each evaluation and the final gaps, on curves written here."""
+    def run(name, test, train, final_test, label, seed):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"step": 10 * (i + 1), "test_error": te, "train_error": tr}
+                for i, (te, tr) in enumerate(zip(test, train, strict=True))]
+        rows.insert(1, {"step": 15, "train_error": 0.9})  # a log line without an evaluation
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {"label": label, "run": name, "depth": 20, "seed": seed,
+                "final_test_error": final_test, "final_train_error": train[-1]}
+
+    train = [0.3, 0.2, 0.1, 0.1]
+    # Option A's seeds span 0.30-0.32, 0.20-0.22, 0.10-0.12, 0.10-0.12 in test error.
+    results = [run(f"a{s}", [0.30 + lo, 0.20 + lo, 0.10 + lo, 0.10 + lo], train, f, "d20 A", s)
+               for s, (lo, f) in enumerate(((0.0, 0.10), (0.02, 0.11), (0.01, 0.12)))]
+    # below all, among, above all, above all; training error among at every evaluation
+    results += [run("g0", [0.20, 0.21, 0.50, 0.50], train, 0.50, "d20 gated", 0)]
+    results += [run(f"c{s}", [0.40] * 4, train, f, "d20 C", s)
+                for s, f in enumerate((0.14, 0.16))]
+    lines = versus_reference("shortcuts", results, tmp_path)
+    assert not any(line.startswith("| d20 A |") for line in lines)
+    gated = next(line for line in lines if line.startswith("| d20 gated |"))
+    assert gated == ("| d20 gated | d20 A | 1 / 3 | +39.00 | +0.00 | 1 · 1 · 2 (last 2: 0 · 0 · 2) "
+                     "| 0 · 4 · 0 (last 2: 0 · 2 · 0) |")
+    c = next(line for line in lines if line.startswith("| d20 C |"))
+    # gap 15 - 11 = 4 points; sample variances 0.0002 (C) and 0.0001 (A)
+    se = 100 * (0.0002 / 2 + 0.0001 / 3) ** 0.5
+    assert c.startswith(f"| d20 C | d20 A | 2 / 3 | +4.00 ± {se:.2f} | +0.00 ± 0.00 | 0 · 0 · 4")
+    # No reference finished: no section.
+    assert versus_reference("shortcuts", results[3:], tmp_path) == []
