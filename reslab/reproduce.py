@@ -150,7 +150,7 @@ def seed_stats(values: Sequence[float]) -> str:
     return f"{_pct(min(values))} ({_pct(mean)} ± {_pct(std)})"
 
 
-def _group(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def by_label(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault(r["label"], []).append(r)
@@ -183,7 +183,7 @@ def runs_table(results: Sequence[dict[str, Any]]) -> list[str]:
         "paper CIFAR-10 test error % |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, rs in _group(results).items():
+    for label, rs in by_label(results).items():
         r0 = rs[0]
         # Table 6's nets are option A with two-layer blocks; other arms have no paper figure.
         # Summaries written before layers_per_block was recorded are all two-layer nets.
@@ -202,7 +202,7 @@ def runs_table(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _mean_final(results, label: str, key: str) -> float | None:
-    rs = _group(results).get(label)
+    rs = by_label(results).get(label)
     return statistics.mean(r[key] for r in rs) if rs else None
 
 
@@ -248,7 +248,7 @@ def plot_fig6(
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True,
                              squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    groups = _group(results)
+    groups = by_label(results)
     for ax, (title, prefix) in zip(axes[0], panels, strict=True):
         chosen = sorted(((k, v) for k, v in groups.items() if k.startswith(prefix)),
                         key=lambda kv: (kv[1][0]["depth"], kv[0]))
@@ -305,7 +305,7 @@ def compute_responses(
 ) -> dict[str, list[float]]:
     """Per-layer response std of each arm's first seed, on the test set."""
     out = {}
-    for label, rs in _group(results).items():
+    for label, rs in by_label(results).items():
         model, mean, std, _ = load_trained(Path(runs_dir) / rs[0]["run"])
         out[label] = layer_responses(model, data.test_images, mean, std)
     return out

@@ -26,6 +26,7 @@ from .data import Dataset, load_dataset, normalize
 from .models import ResidualBlock, default_shortcut
 from .reproduce import (
     Arm,
+    by_label,
     compute_responses,
     plot_fig6,
     read_metrics,
@@ -157,9 +158,7 @@ def _order(curves: Sequence[Sequence[dict[str, float]]],
 def versus_reference(study: str, results: Sequence[dict[str, Any]], runs_dir: Path) -> list[str]:
     """Each arm against the paper's design at its depth: final gaps and the order at every
     evaluation, so that a reader can tell a difference from seed noise (the report's numbers)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault(r["label"], []).append(r)
+    groups = by_label(results)
     curves = {label: [[e for e in read_metrics(runs_dir / r["run"]) if "test_error" in e]
                       for r in rs] for label, rs in groups.items()}
     lines = []
@@ -237,10 +236,7 @@ def run_study(
                 "## Cost and what the network chose", "",
                 "| arm | params | multiply-adds / image | final test error % | chosen |",
                 "|---|---|---|---|---|"]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault(r["label"], []).append(r)
-    for label, rs in groups.items():
+    for label, rs in by_label(results).items():
         choice = rs[0]["study_choice"]
         chosen = "; ".join(
             f"{kind.replace('_per_stage', '')}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
