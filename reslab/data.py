@@ -33,7 +33,7 @@ class DataError(ValueError):
     """Missing or malformed input data; the message names the file or value and the fix."""
 
 
-DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100")
+DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "cifar10-jpeg")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,8 @@ def load_dataset(
         dataset = _load_idx_dataset(spec, download)
     elif spec in _CIFAR:
         dataset = _load_cifar(spec, download)
+    elif spec == "cifar10-jpeg":
+        dataset = _load_cifar10_jpeg(skip_bad_images)
     elif Path(spec).expanduser().is_dir():
         dataset = _load_image_folder(Path(spec).expanduser(), skip_bad_images)
     else:
@@ -345,8 +347,8 @@ def _cifar_batch(path: Path, labels_key: str, num_classes: int) -> tuple[torch.T
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
 
 
-def _safe_extract(archive: Path, dest: Path, folder: str) -> None:
-    """Extract `folder` from a tar after refusing links, devices, absolute paths and `..`."""
+def _safe_extract(archive: Path, dest: Path, folders: tuple[str, ...]) -> None:
+    """Extract `folders` from a tar after refusing links, devices, absolute paths and `..`."""
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
@@ -361,14 +363,17 @@ def _safe_extract(archive: Path, dest: Path, folder: str) -> None:
                 # The stdlib "data" filter is a second guard where this Python has it.
                 guard = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(tmp, members=members, **guard)
-                if not (tmp / folder).is_dir():
-                    raise DataError(f"{archive} has no {folder}/ folder; use the official archive")
-                (tmp / folder).replace(dest / folder)
+                for folder in folders:
+                    if not (tmp / folder).is_dir():
+                        raise DataError(f"{archive} has no {folder}/ folder; use the official "
+                                        "archive")
+                for folder in folders:  # all checked first: a bad archive leaves nothing behind
+                    (tmp / folder).replace(dest / folder)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot extract {archive}: {e}; delete it (and {dest / folder}) and "
-                        "download again") from e
+        raise DataError(f"cannot extract {archive}: {e}; delete it (and what it left in {dest}) "
+                        "and download again") from e
 
 
 def _load_cifar(name: str, download: bool) -> Dataset:
@@ -382,7 +387,7 @@ def _load_cifar(name: str, download: bool) -> Dataset:
                                 f"{source.folder}/ in {root} (set RESLAB_DATA to use another "
                                 "folder), or allow downloading")
             _download([_CIFAR_URL + source.archive], archive, source.md5)
-        _safe_extract(archive, root, source.folder)
+        _safe_extract(archive, root, (source.folder,))
     names = _unpickle(folder / source.meta).get(source.names_key)
     if not isinstance(names, list) or not names:
         raise DataError(f"{folder / source.meta} has no '{source.names_key}' list")
@@ -392,6 +397,63 @@ def _load_cifar(name: str, download: bool) -> Dataset:
         batches = [_cifar_batch(folder / f, source.labels_key, len(classes)) for f in files]
         splits += [torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])]
     return Dataset(name, *splits, classes)
+
+
+# CIFAR-10 as JPEG files (quality about 75) in ImageFolder form, a public re-encoding of the
+# 60,000 images; not the original pixels, so results on it are named "cifar10-jpeg".
+CIFAR10_JPEG_ARCHIVE = "cifar10-jpeg.tar.gz"
+CIFAR10_JPEG_SHA256 = "58c58e3af3ec7ed2054f439f35ad3c83dc1ab019f4af6037f60612ea098c8fa1"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+# `make data` extracts the archive here in a source checkout (an ignored folder).
+CHECKOUT_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cifar10_jpeg_folder() -> Path | None:
+    """Where the extracted copy is: $RESLAB_DATA/cifar10-jpeg, then the checkout's data/."""
+    for root in (_data_root() / "cifar10-jpeg", CHECKOUT_DATA / "cifar10-jpeg"):
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return root
+    return None
+
+
+def _load_cifar10_jpeg(skip_bad_images: bool) -> Dataset:
+    root = _data_root() / "cifar10-jpeg"
+    archive = root / CIFAR10_JPEG_ARCHIVE
+    if cifar10_jpeg_folder() is None and archive.is_file():
+        if (digest := _sha256(archive)) != CIFAR10_JPEG_SHA256:
+            raise DataError(f"{archive} has SHA-256 {digest}, not the copy's "
+                            f"{CIFAR10_JPEG_SHA256}; replace it with the right archive")
+        _safe_extract(archive, root, ("train", "test"))
+    folder = cifar10_jpeg_folder()
+    if folder is None:
+        raise DataError(
+            f"cifar10-jpeg not found: put {CIFAR10_JPEG_ARCHIVE} or its extracted train/ and "
+            f"test/ in {root} (set RESLAB_DATA to use another folder); in a source checkout "
+            f"`make data CIFAR10_JPEG=PATH/{CIFAR10_JPEG_ARCHIVE}` extracts it to "
+            f"{CHECKOUT_DATA / 'cifar10-jpeg'}"
+        )
+    dataset = _load_image_folder(folder, skip_bad_images)
+    sizes = (len(dataset.train_labels), len(dataset.test_labels))
+    shape = tuple(dataset.train_images.shape[1:])
+    if dataset.classes != CIFAR10_CLASSES or shape != (3, 32, 32) or (
+        not skip_bad_images and sizes != (50_000, 10_000)
+    ):
+        raise DataError(
+            f"{folder} is not the CIFAR-10 JPEG copy: it has classes {', '.join(dataset.classes)},"
+            f" {sizes[0]} training and {sizes[1]} test images of {shape}, where the copy has the "
+            "ten CIFAR-10 classes, 50000 and 10000 images of (3, 32, 32); extract the archive "
+            "again into an empty folder"
+        )
+    return replace(dataset, name="cifar10-jpeg")
 
 
 # ---------------------------------------------------------------------------------------------
