@@ -403,6 +403,7 @@ def _load_cifar(name: str, download: bool) -> Dataset:
 # 60,000 images; not the original pixels, so results on it are named "cifar10-jpeg".
 CIFAR10_JPEG_ARCHIVE = "cifar10-jpeg.tar.gz"
 CIFAR10_JPEG_SHA256 = "58c58e3af3ec7ed2054f439f35ad3c83dc1ab019f4af6037f60612ea098c8fa1"
+CIFAR10_JPEG_SIZES = (50_000, 10_000)  # training and test images
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 # `make data` extracts the archive here in a source checkout (an ignored folder).
@@ -445,13 +446,13 @@ def _load_cifar10_jpeg(skip_bad_images: bool) -> Dataset:
     sizes = (len(dataset.train_labels), len(dataset.test_labels))
     shape = tuple(dataset.train_images.shape[1:])
     if dataset.classes != CIFAR10_CLASSES or shape != (3, 32, 32) or (
-        not skip_bad_images and sizes != (50_000, 10_000)
+        not skip_bad_images and sizes != CIFAR10_JPEG_SIZES
     ):
         raise DataError(
             f"{folder} is not the CIFAR-10 JPEG copy: it has classes {', '.join(dataset.classes)},"
             f" {sizes[0]} training and {sizes[1]} test images of {shape}, where the copy has the "
-            "ten CIFAR-10 classes, 50000 and 10000 images of (3, 32, 32); extract the archive "
-            "again into an empty folder"
+            f"ten CIFAR-10 classes, {CIFAR10_JPEG_SIZES[0]} and {CIFAR10_JPEG_SIZES[1]} images of "
+            "(3, 32, 32); extract the archive again into an empty folder"
         )
     return replace(dataset, name="cifar10-jpeg")
 

@@ -704,3 +704,104 @@ def test_batch_stream_bad_arguments() -> None:
             BatchStream(10, batch_size, seed=0)
     with pytest.raises(DataError, match="does not fit n=10"):
         BatchStream(10, 2, seed=0).load_state_dict({"epoch": 0, "position": 10})
+
+
+# ---------------------------------------------------------------------------------------------
+# cifar10-jpeg: CIFAR-10 as JPEG files in ImageFolder form (an archive or its extraction)
+
+
+def write_cifar10_jpeg(root: Path, per_class: tuple[int, int] = (2, 1)) -> None:
+    """The copy's layout with a few generated JPEGs per class: train/<class>/, test/<class>/."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_class, strict=True):
+        for name in data.CIFAR10_CLASSES:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i:04d}.jpg", quality=75)
+
+
+@pytest.fixture
+def jpeg_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A small generated copy; the real one's sizes and checksum are patched to match it."""
+    monkeypatch.setattr(data, "CHECKOUT_DATA", tmp_path / "checkout-data")  # not the real one
+    monkeypatch.setattr(data, "CIFAR10_JPEG_SIZES", (20, 10))
+    src = tmp_path / "src"
+    write_cifar10_jpeg(src)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "train", arcname="train")
+        tar.add(src / "test", arcname="test")
+    monkeypatch.setattr(data, "CIFAR10_JPEG_SHA256", hashlib.sha256(archive.read_bytes())
+                        .hexdigest())
+    return archive
+
+
+def test_cifar10_jpeg_from_its_archive(jpeg_copy: Path, data_root: Path) -> None:
+    (data_root / "cifar10-jpeg").mkdir(parents=True)
+    archive = data_root / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(jpeg_copy.read_bytes())
+    ds = load_dataset("cifar10-jpeg")
+    assert ds.name == "cifar10-jpeg" and ds.classes == data.CIFAR10_CLASSES
+    assert ds.train_images.shape == (20, 3, 32, 32) and ds.test_images.shape == (10, 3, 32, 32)
+    assert ds.train_labels.tolist() == [i // 2 for i in range(20)]
+    assert ds.test_labels.tolist() == list(range(10))
+    # Decoded as the ImageFolder reader decodes the extracted files.
+    with Image.open(data_root / "cifar10-jpeg" / "train" / "bird" / "0001.jpg") as image:
+        np.testing.assert_array_equal(ds.train_images[5].permute(1, 2, 0).numpy(),
+                                      np.asarray(image.convert("RGB")))
+    archive.unlink()  # extracted once: the folder alone serves from now on
+    assert torch.equal(load_dataset("cifar10-jpeg").train_images, ds.train_images)
+
+
+def test_cifar10_jpeg_archive_with_another_checksum_is_refused(
+    jpeg_copy: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "CIFAR10_JPEG_SHA256", "0" * 64)
+    (data_root / "cifar10-jpeg").mkdir(parents=True)
+    archive = data_root / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(jpeg_copy.read_bytes())
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match=f"cifar10-jpeg.tar.gz has SHA-256 {digest}, not"):
+        load_dataset("cifar10-jpeg")
+    assert sorted(p.name for p in (data_root / "cifar10-jpeg").iterdir()) == [archive.name]
+
+
+def test_cifar10_jpeg_in_the_checkout_data_folder(
+    jpeg_copy: Path, tmp_path: Path, data_root: Path
+) -> None:
+    """`make data` extracts the archive into the checkout's ignored data/ folder."""
+    write_cifar10_jpeg(tmp_path / "checkout-data" / "cifar10-jpeg")
+    assert data.cifar10_jpeg_folder() == tmp_path / "checkout-data" / "cifar10-jpeg"
+    assert load_dataset("cifar10-jpeg").train_images.shape == (20, 3, 32, 32)
+    # $RESLAB_DATA comes first.
+    write_cifar10_jpeg(data_root / "cifar10-jpeg")
+    assert data.cifar10_jpeg_folder() == data_root / "cifar10-jpeg"
+
+
+def test_missing_cifar10_jpeg_says_where_to_put_it(jpeg_copy: Path, data_root: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar10-jpeg")
+    message = str(info.value)
+    assert "cifar10-jpeg not found: put cifar10-jpeg.tar.gz" in message
+    assert str(data_root / "cifar10-jpeg") in message and "make data CIFAR10_JPEG=" in message
+
+
+@pytest.mark.parametrize("damage", ["class", "count", "size"])
+def test_a_folder_that_is_not_the_copy_is_refused(
+    jpeg_copy: Path, data_root: Path, damage: str
+) -> None:
+    root = data_root / "cifar10-jpeg"
+    write_cifar10_jpeg(root)
+    if damage == "class":
+        for split in ("train", "test"):
+            (root / split / "truck").rename(root / split / "lorry")
+    elif damage == "count":
+        Image.new("RGB", (32, 32)).save(root / "train" / "cat" / "0009.jpg")
+    else:
+        for split in ("train", "test"):
+            for path in (root / split).rglob("*.jpg"):
+                Image.new("RGB", (28, 28)).save(path)
+    with pytest.raises(DataError, match="is not the CIFAR-10 JPEG copy") as info:
+        load_dataset("cifar10-jpeg")
+    assert str(root) in str(info.value)
