@@ -31,7 +31,7 @@ from reslab.data import (
     read_idx,
 )
 
-REAL_FETCH = data._fetch  # the fixture below replaces it in every test
+REAL_FETCH = data.download._fetch  # the fixture below replaces it in every test
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,7 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def no_network(url: str, dest: Path) -> None:
         raise AssertionError(f"unexpected download of {url}")
 
-    monkeypatch.setattr(data, "_fetch", no_network)
+    monkeypatch.setattr(data.download, "_fetch", no_network)
     return root
 
 
@@ -118,9 +118,9 @@ def test_read_idx_corrupt_gzip(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_from_debian_package(data_root: Path) -> None:
-    if not data._FASHION_MNIST_SYSTEM_DIR.is_dir():
-        pytest.fail(f"{data._FASHION_MNIST_SYSTEM_DIR} is missing: install the Debian package "
-                    "dataset-fashion-mnist (`make data` does)")
+    if not data.idx._FASHION_MNIST_SYSTEM_DIR.is_dir():
+        pytest.fail(f"{data.idx._FASHION_MNIST_SYSTEM_DIR} is missing: install the Debian "
+                    "package dataset-fashion-mnist (`make data` does)")
     ds = load_dataset("fashion-mnist", download=False)
     assert ds.train_images.shape == (60000, 1, 28, 28)
     assert ds.test_images.shape == (10000, 1, 28, 28)
@@ -169,17 +169,17 @@ def test_idx_download_from_mirrors_with_checksums(
     server = tmp_path / "server"
     arrays = write_mnist(server)
     md5s = tuple(hashlib.md5((server / f"{f}.gz").read_bytes()).hexdigest()
-                 for f in data._IDX_FILES)
+                 for f in data.idx._IDX_FILES)
     # A dead first mirror, then a working one: the real _fetch, reading file:// URLs.
     mirrors = ((tmp_path / "dead").as_uri() + "/", server.as_uri() + "/")
-    source = dataclasses.replace(data._IDX["mnist"], mirrors=mirrors, md5=md5s)
-    monkeypatch.setitem(data._IDX, "mnist", source)
-    monkeypatch.setattr(data, "_fetch", REAL_FETCH)
+    source = dataclasses.replace(data.idx._IDX["mnist"], mirrors=mirrors, md5=md5s)
+    monkeypatch.setitem(data.idx._IDX, "mnist", source)
+    monkeypatch.setattr(data.download, "_fetch", REAL_FETCH)
     ds = load_dataset("mnist")
     assert ds.classes == tuple("0123456789")
     np.testing.assert_array_equal(ds.train_labels.numpy(), arrays["train-labels-idx1-ubyte"])
     assert sorted(p.name for p in (data_root / "mnist").iterdir()) == sorted(
-        f"{f}.gz" for f in data._IDX_FILES)
+        f"{f}.gz" for f in data.idx._IDX_FILES)
 
 
 def test_corrupted_download_fails_its_checksum(
@@ -191,7 +191,7 @@ def test_corrupted_download_fails_its_checksum(
         urls.append(url)
         dest.write_bytes(b"not the file")
 
-    monkeypatch.setattr(data, "_fetch", corrupted)
+    monkeypatch.setattr(data.download, "_fetch", corrupted)
     with pytest.raises(DataError, match="md5 .* expected f68b3c2dcbeaaa9fbdd348bbdeb94873"):
         load_dataset("mnist")
     assert urls == [
@@ -205,11 +205,11 @@ def test_unreachable_mirrors_are_all_reported(monkeypatch: pytest.MonkeyPatch) -
     def offline(url: str, dest: Path) -> None:
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(data, "_fetch", offline)
-    monkeypatch.setattr(data, "_FASHION_MNIST_SYSTEM_DIR", Path("/nonexistent"))
+    monkeypatch.setattr(data.download, "_fetch", offline)
+    monkeypatch.setattr(data.idx, "_FASHION_MNIST_SYSTEM_DIR", Path("/nonexistent"))
     with pytest.raises(DataError, match="could not download train-images-idx3-ubyte.gz") as info:
         load_dataset("fashion-mnist")
-    for mirror in data._IDX["fashion-mnist"].mirrors:
+    for mirror in data.idx._IDX["fashion-mnist"].mirrors:
         assert mirror in str(info.value)
 
 
@@ -220,7 +220,7 @@ def test_unreachable_mirrors_are_all_reported(monkeypatch: pytest.MonkeyPatch) -
 def write_cifar(folder: Path, name: str, n: int = 20) -> tuple[np.ndarray, ...]:
     """Batches as the official files hold them: dicts with bytes keys, pickled with protocol 2.
     Image i of the training set has first byte i % 256 so that tests can identify it."""
-    source = data._CIFAR[name]
+    source = data.cifar._CIFAR[name]
     num_classes = 10 if name == "cifar10" else 100
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ def make_tar(archive: Path, folder: Path, extra: tarfile.TarInfo | None = None) 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("form", ["folder", "tar.gz"])
 def test_cifar_official_format(tmp_path: Path, data_root: Path, name: str, form: str) -> None:
-    source = data._CIFAR[name]
+    source = data.cifar._CIFAR[name]
     if form == "folder":
         expected = write_cifar(data_root / name / source.folder, name)
     else:
@@ -354,13 +354,13 @@ def test_cifar_download_verifies_md5(
         urls.append(url)
         dest.write_bytes(archive.read_bytes())
 
-    monkeypatch.setattr(data, "_fetch", serve)
+    monkeypatch.setattr(data.download, "_fetch", serve)
     with pytest.raises(DataError, match="md5 .* expected c58f30108f718f92721af3b95e74349a"):
         load_dataset("cifar10")  # our archive is not the official one
     assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    source = dataclasses.replace(data._CIFAR["cifar10"], md5=md5)
-    monkeypatch.setitem(data._CIFAR, "cifar10", source)
+    source = dataclasses.replace(data.cifar._CIFAR["cifar10"], md5=md5)
+    monkeypatch.setitem(data.cifar._CIFAR, "cifar10", source)
     assert len(load_dataset("cifar10").train_labels) == 100
     assert (data_root / "cifar10" / "cifar-10-batches-py" / "batches.meta").is_file()
 
@@ -434,7 +434,7 @@ def test_image_folder_cache(
     def must_not_decode(path: Path) -> np.ndarray:
         raise AssertionError(f"decoded {path} although the folder is unchanged")
 
-    monkeypatch.setattr(data, "_decode_image", must_not_decode)
+    monkeypatch.setattr(data.folder, "_decode_image", must_not_decode)
     second = load_dataset(str(tmp_path / "folder"))
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(first, field), getattr(second, field))
@@ -533,6 +533,52 @@ def test_decompression_bomb_is_a_bad_image(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 64 > 40: PIL's warning, also refused
     with pytest.raises(DataError, match="cannot decode image .*decompression bomb"):
         load_dataset(str(tmp_path / "folder"))
+
+
+# Images of any mode decode into the dataset's mode (16-bit greyscale, CMYK, palette, ...).
+
+
+def _png16(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array.astype(np.uint16)).save(path)
+    with Image.open(path) as image:
+        assert image.mode in ("I;16", "I")
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            arrays[split, label] = rng.integers(0, 65536, (8, 8))
+            _png16(tmp_path / split / label / "0.png", arrays[split, label])
+    ds = load_dataset(str(tmp_path))
+    assert ds.in_channels == 1
+    for i, label in enumerate(("a", "b")):
+        expected = torch.from_numpy((arrays["train", label] >> 8).astype(np.uint8))
+        assert torch.equal(ds.train_images[i, 0], expected)  # clipping gives 255 almost everywhere
+
+
+def test_wrong_mode_images_decode_into_the_dataset_mode(tmp_path):
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        (root / split / "base").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(root / split / "base" / "0.png")
+    odd = root / "train" / "odd"
+    odd.mkdir()
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(odd / "a-cmyk.jpg", quality=100)
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    palette.save(odd / "b-palette.png")
+    Image.new("RGBA", (8, 8), (40, 50, 60, 0)).save(odd / "c-rgba.png")
+    _png16(odd / "d-grey16.png", np.full((8, 8), 0x8A00))
+    Image.new("LA", (8, 8), (70, 128)).save(odd / "e-la.png")
+    Image.new("1", (8, 8), 1).save(odd / "f-bilevel.png")
+    ds = load_dataset(str(root))
+    assert ds.in_channels == 3 and ds.train_labels.tolist() == [0, 1, 1, 1, 1, 1, 1]
+    pixel = [tuple(ds.train_images[i, :, 4, 4].tolist()) for i in range(1, 7)]
+    assert all(abs(a - b) <= 2 for a, b in zip(pixel[0], (255, 0, 255), strict=True)), pixel[0]
+    assert pixel[1:] == [(200, 100, 50), (40, 50, 60), (0x8A,) * 3, (70,) * 3, (255,) * 3]
 
 
 def test_unknown_spec_lists_valid_names(tmp_path: Path) -> None:
@@ -724,16 +770,17 @@ def write_cifar10_jpeg(root: Path, per_class: tuple[int, int] = (2, 1)) -> None:
 @pytest.fixture
 def jpeg_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A small generated copy; the real one's sizes and checksum are patched to match it."""
-    monkeypatch.setattr(data, "CHECKOUT_DATA", tmp_path / "checkout-data")  # not the real one
-    monkeypatch.setattr(data, "CIFAR10_JPEG_SIZES", (20, 10))
+    checkout = tmp_path / "checkout-data"  # not the real one
+    monkeypatch.setattr(data.cifar10_jpeg, "CHECKOUT_DATA", checkout)
+    monkeypatch.setattr(data.cifar10_jpeg, "CIFAR10_JPEG_SIZES", (20, 10))
     src = tmp_path / "src"
     write_cifar10_jpeg(src)
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / "train", arcname="train")
         tar.add(src / "test", arcname="test")
-    monkeypatch.setattr(data, "CIFAR10_JPEG_SHA256", hashlib.sha256(archive.read_bytes())
-                        .hexdigest())
+    monkeypatch.setattr(data.cifar10_jpeg, "CIFAR10_JPEG_SHA256",
+                        hashlib.sha256(archive.read_bytes()).hexdigest())
     return archive
 
 
@@ -757,7 +804,7 @@ def test_cifar10_jpeg_from_its_archive(jpeg_copy: Path, data_root: Path) -> None
 def test_cifar10_jpeg_archive_with_another_checksum_is_refused(
     jpeg_copy: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "CIFAR10_JPEG_SHA256", "0" * 64)
+    monkeypatch.setattr(data.cifar10_jpeg, "CIFAR10_JPEG_SHA256", "0" * 64)
     (data_root / "cifar10-jpeg").mkdir(parents=True)
     archive = data_root / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
     archive.write_bytes(jpeg_copy.read_bytes())

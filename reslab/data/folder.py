@@ -1,0 +1,134 @@
+"""ImageFolder form: <root>/train/<class>/*.png and <root>/test/ (or val/), any classification set
+of small images, decoded once and cached as uint8 tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dataset import DataError, Dataset, _data_root
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_MAX_SIDE = 64  # larger images would not fit in memory as a whole dataset of uint8 tensors
+_CACHE_VERSION = 2  # 2: 16-bit greyscale scaled to 8 bits, no longer clipped
+_BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+              Image.DecompressionBombWarning)
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    """uint8 (H, W) for grayscale files, else (H, W, 3); raises one of _BAD_IMAGE if bad."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is a bad image
+        with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16-bit greyscale PNG: PIL's convert("L") clips it
+                return (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+            gray = image.mode in ("1", "L", "LA", "F")
+            return np.asarray(image.convert("L" if gray else "RGB"))
+
+
+def _class_folders(split: Path) -> list[str]:
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_images(split: Path, names: list[str], classes: list[str]) -> list[tuple[Path, int]]:
+    items = []
+    for name in names:
+        files = sorted(
+            p for p in (split / name).rglob("*")
+            if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(split).parts)
+        )
+        if not files:
+            raise DataError(f"class folder {split / name} holds no .jpg/.jpeg/.png images; add "
+                            "images or remove the folder")
+        items += [(p, classes.index(name)) for p in files]
+    return items
+
+
+def _decode_split(
+    split: Path, items: list[tuple[Path, int]], skip_bad: bool
+) -> tuple[list, list, list[str]]:
+    arrays, labels, skipped, first = [], [], [], None
+    for path, label in items:
+        try:
+            array = _decode_image(path)
+        except _BAD_IMAGE as e:
+            if not skip_bad:
+                raise DataError(f"cannot decode image {path}: {e}; fix or delete it, or pass "
+                                "skip_bad_images=True") from e
+            skipped.append(str(path))
+            continue
+        h, w = array.shape[:2]
+        if max(h, w) > _MAX_SIDE:
+            raise DataError(f"{path} is {w}x{h}: images are held in memory only up to {_MAX_SIDE} "
+                            "px a side; resize the folder first (e.g. to 32x32)")
+        if first is None:
+            first = path
+        elif array.shape[:2] != arrays[0].shape[:2]:
+            h0, w0 = arrays[0].shape[:2]
+            raise DataError(f"{path} is {w}x{h} but {first} is {w0}x{h0}; resize all images "
+                            "of a split to one size")
+        arrays.append(array)
+        labels.append(label)
+    if not arrays:
+        raise DataError(f"none of the {len(items)} image files in {split} could be decoded")
+    return arrays, labels, skipped
+
+
+def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
+    train = root / "train"
+    test = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+    if not train.is_dir() or test is None:
+        raise DataError(f"{root} is not in ImageFolder form: it needs train/ and test/ (or val/), "
+                        "each with one subfolder of images per class")
+    classes, test_names = _class_folders(train), _class_folders(test)
+    for split, names in ((train, classes), (test, test_names)):
+        if not names:
+            raise DataError(f"{split} has no class subfolders; put each class's images in its own")
+    if unknown := sorted(set(test_names) - set(classes)):
+        raise DataError(f"class folder {test / unknown[0]} has no counterpart in {train}; "
+                        "test classes must be training classes")
+    splits = {train: _list_images(train, classes, classes),
+              test: _list_images(test, test_names, classes)}
+
+    # Keyed by every file's relative path, size and mtime: any change means decoding again.
+    key = hashlib.sha256(f"{_CACHE_VERSION} {skip_bad_images}\n".encode())
+    for path, _ in sorted(splits[train] + splits[test]):
+        stat = path.stat()
+        key.update(f"{path.relative_to(root).as_posix()} {stat.st_size} {stat.st_mtime_ns}\n"
+                   .encode())
+    cache = _data_root() / "cache" / f"{key.hexdigest()[:32]}.pt"
+    try:
+        c = torch.load(cache, weights_only=True)
+        return Dataset(str(root.resolve()), c["train_images"], c["train_labels"], c["test_images"],
+                       c["test_labels"], tuple(c["classes"]), skipped_files=tuple(c["skipped"]))
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
+        pass  # no cache yet, or an unreadable one: decode
+
+    decoded = [_decode_split(split, items, skip_bad_images) for split, items in splits.items()]
+    gray = all(a.ndim == 2 for arrays, _, _ in decoded for a in arrays)
+    tensors = []
+    for arrays, labels, _ in decoded:
+        if gray:
+            images = np.stack(arrays)[:, None]
+        else:
+            images = np.stack([a if a.ndim == 3 else np.repeat(a[..., None], 3, 2) for a in arrays])
+            images = images.transpose(0, 3, 1, 2)
+        tensors += [torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels)]
+    skipped = decoded[0][2] + decoded[1][2]
+    names = ("train_images", "train_labels", "test_images", "test_labels")
+    part = cache.with_suffix(f".{os.getpid()}.part")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(zip(names, tensors, strict=True), classes=classes, skipped=skipped), part)
+        part.replace(cache)  # atomic: a concurrent reader sees no cache or the whole file
+    except OSError as e:  # a cache is an optimisation: failing to write one is no reason to stop
+        warnings.warn(f"could not cache {root} in {cache}: {e}", stacklevel=2)
+    return Dataset(str(root.resolve()), *tensors, tuple(classes), skipped_files=tuple(skipped))
