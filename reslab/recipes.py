@@ -67,7 +67,8 @@ class Recipe:
             raise ValueError("; ".join(problems))
 
     def with_iterations(self, iterations: int) -> Recipe:
-        """A shorter (or longer) run: the milestones scale with the iterations (DESIGN.md #2)."""
+        """A shorter (or longer) run: the milestones scale with the iterations
+        (docs/design.md, principle 2)."""
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1 (got {iterations}); e.g. --iterations 8000")
         scale = iterations / self.iterations

@@ -1,16 +1,17 @@
 """Each 3x3 convolution shape of ResNet-20 on 28x28 inputs (batch 128), timed alone: forward,
 gradient to the input, gradient to the weights, in bf16 and fp32, channels_last and NCHW.
 Median of 30 calls after 5 warm-up calls, 2 threads. Run from the repo root:
-    .venv/bin/python results/bench/conv-shapes/run.py > results/bench/conv-shapes/output.txt
+    .venv/bin/python scripts/bench/conv_shapes.py > results/bench/conv-shapes/output.txt
+(Until it moved here the script was results/bench/conv-shapes/run.py.)
 """
 
 import time
 
 import torch
 
-torch.set_num_threads(2)
 # (in channels, out channels, input side, stride): stage 1, the two stride-2 transitions, 2, 3
 SHAPES = [(16, 16, 28, 1), (16, 32, 28, 2), (32, 32, 14, 1), (32, 64, 14, 2), (64, 64, 7, 1)]
+HEADER = "shape                 dtype    layout  fwd ms  grad_in ms  grad_w ms  G madds/s fwd"
 
 
 def median_ms(fn, n: int = 30) -> float:
@@ -43,8 +44,14 @@ def time_shape(cin: int, cout: int, hw: int, s: int, dtype: torch.dtype,
             f"{madds / fwd / 1e6:8.0f}")
 
 
-print("shape                 dtype    layout  fwd ms  grad_in ms  grad_w ms  G madds/s fwd")
-for cin, cout, hw, s in SHAPES:
-    for dtype in (torch.bfloat16, torch.float32):
-        for layout in (torch.channels_last, torch.contiguous_format):
-            print(time_shape(cin, cout, hw, s, dtype, layout), flush=True)
+def main() -> None:
+    torch.set_num_threads(2)
+    print(HEADER)
+    for cin, cout, hw, s in SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            for layout in (torch.channels_last, torch.contiguous_format):
+                print(time_shape(cin, cout, hw, s, dtype, layout), flush=True)
+
+
+if __name__ == "__main__":
+    main()

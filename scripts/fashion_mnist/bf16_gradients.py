@@ -1,6 +1,8 @@
 """Where bf16 autocast loses gradient accuracy: relative error of each stage's gradients against
 fp32 on one augmented batch, for the default path and three variants kept in fp32 in part.
-Run from the repository root: python results/fashion-mnist/make-run-paths/bf16_gradients.py"""
+Run from the repository root: python scripts/fashion_mnist/bf16_gradients.py
+(Until it moved here the script was results/fashion-mnist/make-run-paths/bf16_gradients.py.)
+"""
 
 import copy
 
@@ -52,12 +54,12 @@ def wrap_bns(module: nn.Module) -> None:
             wrap_bns(child)
 
 
-def main() -> None:
+def main(batch: int = 128) -> None:
     data = load_dataset("fashion-mnist")
     model, mean, _, _ = load_trained("results/fashion-mnist/make-run")
     model.train()
     g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, len(data.train_images), (128,), generator=g)
+    idx = torch.randint(0, len(data.train_images), (batch,), generator=g)
     x = pad_crop_flip(normalize(data.train_images[idx], mean), 4, g)
     x, y = x.contiguous(memory_format=torch.channels_last), data.train_labels[idx]
     reference = gradients(model, x, y, bf16=False)

@@ -1,7 +1,9 @@
 """Is bf16's test-error cost in the BN running statistics? Re-estimate every BN layer's
 statistics in fp32 (cumulative average over augmented training batches, train mode, no weight
 update) for a bf16-trained model, then evaluate in fp32 and bf16.
-Run from the repository root: python results/fashion-mnist/make-run-paths/bn_recalibration.py RUN"""
+Run from the repository root: python scripts/fashion_mnist/bn_recalibration.py RUN
+(Until it moved here the script was results/fashion-mnist/make-run-paths/bn_recalibration.py.)
+"""
 
 import sys
 

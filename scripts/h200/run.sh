@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything this project does on a lent H200 (issues #4 and #5), as one call of the device tool:
-#   bash results/h200/run.sh            (run from the repository root; $OUT receives the results)
+#   bash scripts/h200/run.sh            (from the repository root; $OUT receives the results)
 # 1. the CUDA tests; 2. the paper's full schedule (64,000 iterations) on Fashion-MNIST in two
 # lanes sharing the GPU, ResNet-56 first (its wall time is #4's figure), until a deadline, when
 # unfinished runs are stopped with SIGTERM (each saves a checkpoint that resumes it); 3. `reslab
 # bench train resnet50` at 224x224 on synthetic data; 4. the run folders packed into $OUT.
 # Fashion-MNIST travels with the call in .data/fashion-mnist (git-ignored; the device has no
-# network). LIMIT is the whole script's budget in seconds.
+# network). LIMIT is the whole script's budget in seconds. DRY_RUN=1 prints each reslab command's
+# arguments ("+ ARGS") instead of running anything (no tests, no training, no archives).
 set -u
+cd "$(dirname "$0")/../.."
 T0=$SECONDS
 LIMIT=${LIMIT:-530}
 BENCH_S=${BENCH_S:-120}
@@ -20,10 +22,19 @@ BENCH_MODEL=${BENCH_MODEL:-resnet50}
 LANES=${LANES:-ab}      # lanes: a, b (the paper's runs below), s, t, k (issue #7's studies)
 SEEDS=${SEEDS:-1}       # seeds per study arm (lanes s, t, k)
 SEED_RUNS=${SEED_RUNS:-}  # run folders to resume (e.g. carried from an earlier call)
+DRY_RUN=${DRY_RUN:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RESLAB_DATA=$PWD/.data
-# perf_hints: torch.compile says when and why it skips CUDA graphs (see README.md here).
+# perf_hints: torch.compile says when and why it skips CUDA graphs (results/h200/README.md).
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints}
-R="$PY -m reslab"
+# reslab ARGS: `$PY -m reslab ARGS`, under `timeout $TIMEOUT` where TIMEOUT is set. DRY_RUN=1:
+# print "+ ARGS" on fd 3, the script's stdout (also from the lanes, whose output goes to logs).
+exec 3>&1
+reslab() {
+    echo "+ $*" >&3
+    [ -n "$DRY_RUN" ] && return
+    if [ -n "${TIMEOUT:-}" ]; then timeout "$TIMEOUT" $PY -m reslab "$@" 3>&-
+    else $PY -m reslab "$@" 3>&-; fi
+}
 mkdir -p "$OUT" "$W/runs"
 [ -n "$SEED_RUNS" ] && cp -r "$SEED_RUNS"/* "$W/runs/"
 log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/log.txt"; }
@@ -45,20 +56,23 @@ pack() {  # files come back at most 8 of them, 16 MiB each: runs go in archives 
     for lane in "$W"/lane-*.log; do echo "== $lane"; cat "$lane"; done >> "$OUT/log.txt" 2>/dev/null
     cd - >/dev/null
 }
-trap pack EXIT
-
-{ nvidia-smi; nproc; free -g
-  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-} > "$OUT/machine.txt" 2>&1
-log "$(tail -1 "$OUT/machine.txt")"
-log "CUDA tests"
-$PY -m pytest -q -p no:cacheprovider -rA tests/test_data.py tests/test_train.py -k cuda \
-    > "$W/tests.txt" 2>&1
-tail -25 "$W/tests.txt" | tee -a "$OUT/log.txt"
-# The whole step as one CUDA graph is reslab's CUDA default; if its test fails, train without.
 CG=""
-grep -q "^PASSED.*test_cuda_graphed" "$W/tests.txt" \
-    || { CG="--cuda-graphs off"; log "CUDA-graph test did not pass: training with $CG"; }
+if [ -z "$DRY_RUN" ]; then
+  trap pack EXIT
+  { nvidia-smi; nproc; free -g
+    $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  } > "$OUT/machine.txt" 2>&1
+  log "$(tail -1 "$OUT/machine.txt")"
+  log "CUDA tests"
+  $PY -m pytest -q -p no:cacheprovider -rA tests/test_data.py tests/test_train.py -k cuda \
+      > "$W/tests.txt" 2>&1
+  tail -25 "$W/tests.txt" | tee -a "$OUT/log.txt"
+  # The whole step as one CUDA graph is reslab's CUDA default; if its test fails, train without.
+  grep -q "^PASSED.*test_cuda_graphed" "$W/tests.txt" \
+      || { CG="--cuda-graphs off"; log "CUDA-graph test did not pass: training with $CG"; }
+else
+  CG=${DRY_RUN_CG:-}  # the tests' stand-in for the fallback above
+fi
 
 # 2. Two lanes: the GPU is far from full with one small-image run, and one lane compiles while
 # the other trains. A: ResNet-56, plain-56, ResNet-110. B: ResNet-20, plain-20.
@@ -66,12 +80,12 @@ F="--data fashion-mnist --runs $W/runs --iterations $ITERATIONS --device $DEVICE
 log "training lanes start ($ITERATIONS iterations per run)"
 A=0 B=0
 if [[ $LANES == *a* ]]; then
-  ( $R reproduce table6 --out "$W/a" $F --depths 56 && $R reproduce fig6 --out "$W/a" $F --depths 56 \
-    && $R reproduce table6 --out "$W/a" $F --depths 110 ) > "$W/lane-a.log" 2>&1 &
+  ( reslab reproduce table6 --out "$W/a" $F --depths 56 && reslab reproduce fig6 --out "$W/a" $F --depths 56 \
+    && reslab reproduce table6 --out "$W/a" $F --depths 110 ) > "$W/lane-a.log" 2>&1 &
   A=$!
 fi
 if [[ $LANES == *b* ]]; then
-  ( $R reproduce table6 --out "$W/b" $F --depths 20 && $R reproduce fig6 --out "$W/b" $F --depths 20 \
+  ( reslab reproduce table6 --out "$W/b" $F --depths 20 && reslab reproduce fig6 --out "$W/b" $F --depths 20 \
     ) > "$W/lane-b.log" 2>&1 &
   B=$!
 fi
@@ -79,15 +93,15 @@ fi
 # per block (k).
 S=0 T=0 K=0
 if [[ $LANES == *s* ]]; then
-  $R study shortcuts --out "$W/s" $F --depths 56 --seeds $SEEDS > "$W/lane-s.log" 2>&1 &
+  reslab study shortcuts --out "$W/s" $F --depths 56 --seeds $SEEDS > "$W/lane-s.log" 2>&1 &
   S=$!
 fi
 if [[ $LANES == *t* ]]; then
-  $R study shortcuts --out "$W/t" $F --depths 20 --seeds $SEEDS > "$W/lane-t.log" 2>&1 &
+  reslab study shortcuts --out "$W/t" $F --depths 20 --seeds $SEEDS > "$W/lane-t.log" 2>&1 &
   T=$!
 fi
 if [[ $LANES == *k* ]]; then
-  $R study block-depth --out "$W/k" $F --seeds $SEEDS > "$W/lane-k.log" 2>&1 &
+  reslab study block-depth --out "$W/k" $F --seeds $SEEDS > "$W/lane-k.log" 2>&1 &
   K=$!
 fi
 DEADLINE=$((LIMIT - BENCH_S - 30))
@@ -116,7 +130,7 @@ done
 left=$((LIMIT - (SECONDS - T0) - 25))
 [ "$BENCH_S" -gt 0 ] || exit 0
 log "bench $BENCH_MODEL (budget $left s)"
-timeout "$left" $R bench train $BENCH_MODEL --device $DEVICE --steps 30 --no-ablation --json \
+TIMEOUT=$left reslab bench train $BENCH_MODEL --device $DEVICE --steps 30 --no-ablation --json \
     > "$W/bench.json" 2> "$W/bench.err" && cp "$W/bench.json" "$OUT/bench-train-resnet50-224.json" \
     || { log "bench did not finish"; tail -5 "$W/bench.err" | tee -a "$OUT/log.txt"; }
 log "done"

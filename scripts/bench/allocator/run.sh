@@ -5,9 +5,13 @@
 # (THP_MEM_ALLOC_ENABLE=0), and both (kept, on huge pages: reslab's default at e6f7c84).
 # Each line: wall time, minor page faults (GNU time), steady-state iterations/s from metrics.jsonl
 # (iterations 120-594), final test error. Run from the repo root of a checkout of e6f7c84: the
-# settings it compares (and the env.json keys it reads) were reverted in 458128c.
+# settings it compares (and the env.json keys it reads) were reverted in 458128c. e6f7c84 has this
+# script at results/bench/allocator/run.sh (it moved here later); its output, in
+# results/bench/allocator/output.txt, is what it prints: bash scripts/bench/allocator/run.sh
+# DRY_RUN=1 prints each `reslab train`'s arguments ("+ ARGS") and runs nothing.
 set -euo pipefail
-R=.venv/bin/reslab
+cd "$(dirname "$0")/../../.."
+R=${RESLAB:-.venv/bin/reslab}
 work=${WORK:-/tmp/reslab-allocator}
 rounds=${ROUNDS:-3}
 memories=${MEMORIES:-defaults kept kept+huge}
@@ -17,6 +21,9 @@ for i in $(seq 1 "$rounds"); do
   for compile in off on; do
     for memory in $memories; do
       run=$work/$compile-$memory
+      args=(train resnet20 --data fashion-mnist --out "$run" --iterations 600 --eval-every 600
+            --checkpoint-every 600 --compile $compile --no-progress)
+      if [ -n "${DRY_RUN:-}" ]; then echo "+ ${args[*]}"; continue; fi
       rm -rf "$run"
       case $memory in
         defaults) export RESLAB_KEEP_FREED_MEMORY=0 THP_MEM_ALLOC_ENABLE=0 ;;
@@ -24,8 +31,7 @@ for i in $(seq 1 "$rounds"); do
         kept+huge) unset RESLAB_KEEP_FREED_MEMORY THP_MEM_ALLOC_ENABLE ;;
       esac
       /usr/bin/time -o "$work.time" -f "%e s wall, %R minor faults" \
-        $R train resnet20 --data fashion-mnist --out "$run" --iterations 600 --eval-every 600 \
-        --checkpoint-every 600 --compile $compile --no-progress > /dev/null 2>&1
+        $R "${args[@]}" > /dev/null 2>&1
       .venv/bin/python - "$run" "$i" "$compile" "$memory" "$(cat "$work.time")" <<'PY'
 import json, sys
 run, i, compile_, memory, timing = sys.argv[1:]
