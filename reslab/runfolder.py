@@ -1,8 +1,11 @@
-"""The run folder (DESIGN.md #8): it describes itself and refuses to be overwritten.
+"""The run folder (docs/design.md, principle 8): it describes itself and refuses to be
+overwritten.
 
 `recipe.json` holds the resolved spec and must match on resume; `env.json` the versions, commit,
 hardware and command of the first start, with each resume appended; `metrics.jsonl` one JSON
-record per log, trimmed back to the checkpoint on resume.
+record per log, trimmed back to the checkpoint on resume; at the end `summary.json` and
+`model.safetensors`, whose metadata (spec, input channels, classes, normalisation) makes the
+weights usable on their own.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import WEIGHTS, write_text
+from .checkpoint import WEIGHTS, save_weights, write_error, write_text
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 
 
 class RunFolderError(ValueError):
@@ -25,7 +31,7 @@ class RunFolderError(ValueError):
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """What produced a run: versions, commit, hardware, command line (DESIGN.md #8)."""
+    """What produced a run: versions, commit, hardware, command line."""
     import torchvision
 
     src = Path(__file__).resolve().parent.parent
@@ -114,3 +120,66 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records, in order."""
+    with open(Path(run_dir) / METRICS) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunFolder:
+    """The files of one run: what train() writes, and where. It holds only the path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.metrics = self.path / METRICS
+
+    def check(self, spec_dict: dict[str, Any]) -> None:
+        """Create the folder, or refuse it if it holds a different run."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        check_run_folder(self.path, spec_dict)
+
+    def finished(self) -> dict[str, Any] | None:
+        """The summary of a finished run, else None."""
+        if (self.path / WEIGHTS).exists() and (self.path / SUMMARY).exists():
+            return json.loads((self.path / SUMMARY).read_text())
+        return None
+
+    def start(self, spec_dict: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+        """Write recipe.json and env.json (a resume appends to env.json's record)."""
+        write_json(self.path / "recipe.json", spec_dict)
+        return record_environment(self.path / "env.json", env)
+
+    def rewind_metrics(self, step: int | None) -> None:
+        """Back to the checkpoint at `step`; None: no checkpoint, so the run starts over."""
+        if step is not None:
+            truncate_metrics(self.metrics, step)
+        elif self.metrics.exists():
+            self.metrics.unlink()  # a run killed before its first checkpoint starts over
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        try:  # a torn line from a full disk is dropped on resume, like one from a kill
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.metrics, e) from e
+
+    def last_record(self) -> dict[str, Any]:
+        return json.loads(self.metrics.read_text().splitlines()[-1])
+
+    def finish(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
+               summary: dict[str, Any]) -> None:
+        """The final weights, then summary.json: a folder with both is a finished run."""
+        save_weights(self.path / WEIGHTS, state_dict, metadata)
+        write_json(self.path / SUMMARY, summary)
+
+
+def weights_metadata(spec_dict: dict[str, Any], in_channels: int, num_classes: int,
+                     mean: torch.Tensor, std: torch.Tensor | None) -> dict[str, Any]:
+    """What model.safetensors carries besides the weights: enough to rebuild and feed it."""
+    return {
+        "spec": spec_dict, "in_channels": in_channels, "num_classes": num_classes,
+        "normalization": {"mean": mean.cpu().tolist(),
+                          "std": None if std is None else std.cpu().tolist()},
+    }

@@ -1,5 +1,7 @@
-"""One training step of Sec. 4.2 (augmented batch, loss, SGD update) and, on a GPU, the whole
-step captured once as a CUDA graph and replayed.
+"""One training step of Sec. 4.2 (augmented batch, loss, SGD update), built once by
+`build_step` for train() and the benchmark alike, with one call signature whatever the path:
+eager, compiled, skipping non-finite losses, or on a GPU the whole step captured once as a CUDA
+graph and replayed.
 
 On a GPU a small-image step is a few hundred small kernels whose launches cost more than their
 work: on the H200, ResNet-56 ran at the same 122-132 iterations/s alone or beside a second run
@@ -11,13 +13,42 @@ default compiled model: one launch per step, BN updates included.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .data import crop_flip_apply, normalize
+from .data import crop_flip_apply, crop_flip_draw, normalize, to_device
 from .evaluate import autocast
+from .recipes import Recipe
+
+# Devices where the NaN check waits for the next log line: a host sync per step idles a GPU.
+DEFERRED_NAN_CHECK = ("cuda",)
+# channels_last: faster fp32 convolutions on CPU (oneDNN) and tensor cores on GPU.
+MEMORY_FORMAT = torch.channels_last
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.SGD:
+    """Sec. 3.4/4.2: SGD with momentum and weight decay. fused=True: one kernel for the whole
+    update; on a CPU the optimizer is ~0.5% of a step either way (results/bench: fused SGD alone
+    0.98x), on a GPU it saves launches."""
+    return torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay, fused=device.type in ("cpu", "cuda"),
+    )
+
+
+def augment_generator(seed: int, step: int) -> torch.Generator:
+    """Augmentation randomness is a pure function of (seed, step), so resume needs no RNG state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) ^ 0x5DEECE66D)
 
 
 def augmented_batch(
@@ -50,6 +81,57 @@ def add_to_window(sums: dict[str, torch.Tensor], loss: torch.Tensor, wrong: torc
     sums["loss"].add_(loss.detach().double() * batch)
     sums["wrong"].add_(wrong)
     sums["nonfinite"].add_(~torch.isfinite(loss.detach()))
+
+
+@dataclass
+class Window:
+    """The training window between two log lines (loss and error sums, images seen) and the
+    state later steps depend on: the warm-up (Sec. 4.2, ResNet-110) and the non-finite streak.
+    The sums live on the device (a .item() per step would idle a GPU) and are updated in place:
+    a captured CUDA graph adds to these very tensors."""
+
+    sums: dict[str, torch.Tensor]
+    seen: int = 0
+    warmup: bool = False
+    recent_errors: deque[float] = field(default_factory=deque)
+    nonfinite_in_a_row: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device, *, warmup: bool, warmup_window: int,
+              state: dict[str, Any] | None = None) -> Window:
+        """A new window, or the one a checkpoint saved (`state` as state_dict() wrote it)."""
+        sums = {"loss": 0.0, "wrong": 0.0, "seen": 0}
+        recent: deque[float] = deque(maxlen=warmup_window)
+        streak = 0
+        if state is not None:
+            warmup, sums, streak = state["warmup"], dict(state["window"]), state.get(
+                "nonfinite_in_a_row", 0)
+            recent.extend(state["recent_errors"])
+        tensors = {k: torch.tensor(float(sums[k]), dtype=torch.float64, device=device)
+                   for k in ("loss", "wrong")}
+        tensors["nonfinite"] = torch.zeros((), dtype=torch.int64, device=device)
+        return cls(tensors, int(sums["seen"]), warmup, recent, streak)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's entries for the window (their names are the checkpoint format)."""
+        return {
+            "warmup": self.warmup, "recent_errors": list(self.recent_errors),
+            "window": {"loss": self.sums["loss"].item(), "wrong": self.sums["wrong"].item(),
+                       "seen": self.seen},
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
+
+    def take(self) -> tuple[float, float]:
+        """(mean loss, error) over the window, then start a new one."""
+        seen = max(self.seen, 1)
+        loss, error = self.sums["loss"].item() / seen, self.sums["wrong"].item() / seen
+        self.sums["loss"].zero_()
+        self.sums["wrong"].zero_()
+        self.seen = 0
+        return loss, error
+
+    def nonfinite_since_check(self) -> int:
+        return int(self.sums["nonfinite"])
 
 
 class GraphedStep:
@@ -124,3 +206,116 @@ class GraphedStep:
                 self._body()
             self.graph, self.graph_lrs = graph, lrs
         self.graph.replay()
+
+
+class Step:
+    """One iteration of Sec. 4.2: `step(idx, i)` trains on the batch `idx` (CPU indices) as the
+    run's i-th iteration (0-based, which also seeds its crops and flips) at the learning rates
+    the optimizer holds, adds to the window, and returns a line to print or None.
+
+    The eager path checks the loss (at once, or on a GPU at the next log line: `deferred`),
+    skips a non-finite step with `skip_nonfinite` (no update; BN statistics restored) and ends
+    the warm-up; a GraphedStep, where given, takes over once the warm-up is over.
+    """
+
+    def __init__(
+        self, *, model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+        mean: torch.Tensor, std: torch.Tensor | None, recipe: Recipe, window: Window,
+        skip_nonfinite: int, deferred: bool, compiler_graphs: bool,
+        graphed: GraphedStep | None,
+    ) -> None:
+        self.model, self.forward, self.optimizer = model, forward, optimizer
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+        self.recipe, self.window, self.graphed = recipe, window, graphed
+        self.skip_nonfinite, self.deferred = skip_nonfinite, deferred
+        self.compiler_graphs = compiler_graphs
+        self.device = images.device
+
+    def __call__(self, idx: torch.Tensor, i: int) -> str | None:
+        r, window = self.recipe, self.window
+        offsets = flips = None
+        if r.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
+            offsets, flips = crop_flip_draw(len(idx), r.pad, augment_generator(r.seed, i))
+        if self.graphed is not None and not window.warmup:
+            self.graphed(idx, offsets, flips)  # adds to the window's sums on the device
+            window.seen += r.batch_size
+            return None
+        dev = self.device
+        x, y = augmented_batch(
+            self.images, self.labels, to_device(idx, dev), mean=self.mean, std=self.std,
+            pad=r.pad, offsets=None if offsets is None else to_device(offsets, dev),
+            flips=None if flips is None else to_device(flips, dev), memory_format=MEMORY_FORMAT,
+        )
+        # A skipped step leaves the model as it was, BN statistics included.
+        buffers = [b.clone() for b in self.model.buffers()] if self.skip_nonfinite else []
+        if self.compiler_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        # wrong is counted before backward: a CUDA graph's outputs are only safe to read until
+        # it runs again.
+        _, loss, wrong = forward_loss(self.forward, x, y, dev, r.precision)
+        finite = True
+        if not (self.deferred and not window.warmup):
+            finite = bool(torch.isfinite(loss))
+        window.nonfinite_in_a_row = 0 if finite else window.nonfinite_in_a_row + 1
+        if window.nonfinite_in_a_row > self.skip_nonfinite:
+            streak = f" ({window.nonfinite_in_a_row} in a row)" if self.skip_nonfinite else ""
+            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {i + 1}{streak}")
+        if not finite:  # --skip-nonfinite: no update; the iteration still counts
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+            return (f"skipped iteration {i + 1}: loss is {loss.item()} "
+                    f"({window.nonfinite_in_a_row} in a row, --skip-nonfinite "
+                    f"{self.skip_nonfinite})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
+        add_to_window(window.sums, loss, wrong, len(y))
+        window.seen += len(y)
+        if window.warmup:
+            window.recent_errors.append(wrong.item() / len(y))
+            full = len(window.recent_errors) == window.recent_errors.maxlen
+            if full and sum(window.recent_errors) / len(window.recent_errors) < \
+                    r.warmup_until_error:
+                window.warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
+                return (f"warm-up over at iteration {i + 1}: training error below "
+                        f"{r.warmup_until_error:.0%}, lr back to {r.lr}")
+        return None
+
+
+def build_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+    labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None, recipe: Recipe,
+    window: Window, *, compile_model: bool, compile_mode: str | None, cuda_graphs: bool | None,
+    skip_nonfinite: int = 0, gradient_checkpointing: bool = False,
+) -> Step:
+    """The step train() runs (and the benchmark times): `model` (on its device, channels_last)
+    compiled or not, the data resident on the same device, and on a GPU, unless
+    `cuda_graphs` is False, the whole step as one CUDA graph."""
+    dev = images.device
+    # On a GPU the NaN check waits for the next log line or checkpoint instead of syncing every
+    # step; a NaN step then updates the weights, but no checkpoint is written after it. Skipping
+    # (--skip-nonfinite) and the warm-up's per-step error need the per-step check.
+    deferred = dev.type in DEFERRED_NAN_CHECK and skip_nonfinite == 0
+    compiler_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
+    forward = torch.compile(model, mode=compile_mode) if compile_model else model
+    # A graphed step cannot skip itself (--skip-nonfinite), nest torch.compile's own graphs,
+    # or read the RNG state as activation checkpointing does (not allowed while capturing).
+    can_graph = (dev.type == "cuda" and deferred and not compiler_graphs
+                 and not gradient_checkpointing)
+    if cuda_graphs and not can_graph:
+        raise ValueError("--cuda-graphs on does not go with --skip-nonfinite, "
+                         "--gradient-checkpointing or a compile mode that makes its own CUDA "
+                         "graphs")
+    graphed = None
+    if can_graph and cuda_graphs is not False:
+        graphed = GraphedStep(
+            forward=forward, optimizer=optimizer, images=images, labels=labels, mean=mean,
+            std=std, pad=recipe.pad, precision=recipe.precision, memory_format=MEMORY_FORMAT,
+            batch_size=recipe.batch_size, sums=window.sums,
+        )
+    return Step(model=model, forward=forward, optimizer=optimizer, images=images, labels=labels,
+                mean=mean, std=std, recipe=recipe, window=window, skip_nonfinite=skip_nonfinite,
+                deferred=deferred, compiler_graphs=compiler_graphs, graphed=graphed)

@@ -1,20 +1,19 @@
-"""train(spec, run_dir): the paper's training procedure (Sec. 4.2), one loop read top to bottom.
+"""train(spec, run_dir, options): the paper's training procedure (Sec. 4.2), one loop read top
+to bottom.
 
-The run folder describes itself and resumes itself (DESIGN.md): `recipe.json` (the resolved
-spec), `env.json`, `metrics.jsonl`, TensorBoard events under `tb/`, atomic checkpoints every K
-iterations, and at the end `model.safetensors` and `summary.json`. Running the same spec on an
-unfinished folder resumes from its last checkpoint and ends bitwise equal to an uninterrupted run.
+What a run computes is its RunSpec (model, data, recipe); how it executes is its TrainOptions
+(device, compilation, graphs, progress display), which change no result. The run folder
+(runfolder.py) describes itself and resumes itself: running the same spec on an unfinished folder
+resumes from its last checkpoint and ends bitwise equal to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import sys
 import time
-from collections import deque
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,28 +21,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (
-    WEIGHTS,
-    CheckpointError,
-    load_latest_checkpoint,
-    save_checkpoint,
-    save_weights,
-    write_error,
-)
-from .data import BatchStream, Dataset, channel_stats, crop_flip_draw, load_dataset, to_device
-from .data import pixel_mean as compute_pixel_mean
+from .checkpoint import WEIGHTS, CheckpointError, load_latest_checkpoint, save_checkpoint
+from .data import BatchStream, Dataset, channel_stats, load_dataset, pixel_mean
 from .evaluate import evaluate
 from .models import ResidualBlock, build_model, default_shortcut, model_family
 from .recipes import Recipe, learning_rate
-from .runfolder import (
-    RunFolderError,
-    check_run_folder,
-    environment,
-    record_environment,
-    truncate_metrics,
-    write_json,
-)
-from .step import GraphedStep, add_to_window, augmented_batch, forward_loss
+from .runfolder import RunFolder, RunFolderError, environment, weights_metadata
+from .runtime import algorithms, resolve_device, resolve_precision, stop_signals
+from .step import MEMORY_FORMAT, NonFiniteLoss, Window, build_step, make_optimizer
+
+__all__ = ["COMPILE_MIN_ITERATIONS", "COMPILE_MODES", "NonFiniteLoss", "RunFolderError",
+           "RunSpec", "TrainOptions", "TrainingStopped", "load_trained", "resolve_device",
+           "resolve_precision", "train"]
 
 # torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
 # it pays back after ~3k iterations of ResNet-20, so long runs compile and short ones do not.
@@ -52,8 +41,6 @@ COMPILE_MIN_ITERATIONS = 5_000
 # CUDA graph (step.GraphedStep) around the default mode: "reduce-overhead" skips its graphs for
 # BN's in-place statistics updates (results/h200).
 COMPILE_MODES: dict[str, str | None] = {"cpu": None, "cuda": None}
-# Devices where the NaN check waits for the next log line: a host sync per step idles a GPU.
-DEFERRED_NAN_CHECK = ("cuda",)
 
 
 class TrainingStopped(Exception):
@@ -62,10 +49,6 @@ class TrainingStopped(Exception):
     def __init__(self, step: int, checkpoint: Path, signum: int) -> None:
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
         super().__init__(f"stopped by signal {signum} after iteration {step}; saved {checkpoint}")
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
 @dataclass(frozen=True)
@@ -94,30 +77,34 @@ class RunSpec:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """How a run executes; none of these changes its result (deterministic aside, which picks
+    only deterministic algorithms and leaves wall-clock times out of metrics.jsonl, so two runs
+    write identical bytes).
+
+    compile_model: torch.compile the model (None: for runs of >= COMPILE_MIN_ITERATIONS);
+    compile_mode: torch.compile's mode (None: COMPILE_MODES' choice for the device);
+    cuda_graphs: the whole step as one CUDA graph (None: on for CUDA devices);
+    skip_nonfinite: K > 0 skips a step whose loss is NaN or infinite (no update) and stops
+    after K in a row; 0 stops at the first. progress: a tqdm bar (None: when stderr is a tty).
+    """
+
+    device: str = "auto"
+    compile_model: bool | None = None
+    compile_mode: str | None = None
+    cuda_graphs: bool | None = None
+    gradient_checkpointing: bool = False
+    skip_bad_images: bool = False
+    skip_nonfinite: int = 0
+    deterministic: bool = False
+    tensorboard: bool = True
+    progress: bool | None = None
+    keep_checkpoints: int = 2
+
+
 def model_depth(name: str) -> int:
     return int(re.search(r"\d+$", name).group())
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 where the hardware runs it natively (measured ~1.9x fp32 on AVX-512 bf16)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_data_fits(spec: RunSpec, data: Dataset) -> tuple[int, int]:
@@ -146,63 +133,34 @@ def check_data_fits(spec: RunSpec, data: Dataset) -> tuple[int, int]:
     return in_channels, num_classes
 
 
-def _augment_generator(seed: int, step: int) -> torch.Generator:
-    """Augmentation randomness is a pure function of (seed, step), so resume needs no RNG state."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) ^ 0x5DEECE66D)
-
-
 def train(
-    spec: RunSpec,
-    run_dir: Path,
-    *,
-    data: Dataset | None = None,
-    device: str = "auto",
-    compile_model: bool | None = None,
-    gradient_checkpointing: bool = False,
-    skip_bad_images: bool = False,
-    tensorboard: bool = True,
-    progress: bool | None = None,
-    keep_checkpoints: int = 2,
-    skip_nonfinite: int = 0,
-    deterministic: bool = False,
-    compile_mode: str | None = None,
-    cuda_graphs: bool | None = None,
+    spec: RunSpec, run_dir: Path, *, data: Dataset | None = None,
+    options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen: one shared default is safe)
 ) -> dict[str, Any]:
-    """Train (or resume, or report a finished run) and return the run's summary.
-
-    `skip_nonfinite` K > 0 skips a step whose loss is NaN or infinite (no update) and stops after
-    K in a row; 0 stops at the first. `deterministic` uses only deterministic algorithms and
-    leaves wall-clock times out of metrics.jsonl, so two runs write identical bytes.
-    `compile_mode` is torch.compile's mode (None: COMPILE_MODES' choice for the device).
-    `cuda_graphs` captures the whole step as one CUDA graph (None: on for CUDA devices).
-    """
-    run_dir = Path(run_dir)
-    dev = resolve_device(device)
-    if cuda_graphs and dev.type != "cuda":
+    """Train (or resume, or report a finished run) and return the run's summary."""
+    o, folder = options, RunFolder(run_dir)
+    dev = resolve_device(o.device)
+    if o.cuda_graphs and dev.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {dev}; omit --cuda-graphs")
-    recipe = replace(spec.recipe, precision=resolve_precision(spec.recipe.precision, dev))
-    spec = replace(spec, recipe=recipe)
+    spec = replace(spec, recipe=replace(spec.recipe, precision=resolve_precision(
+        spec.recipe.precision, dev)))
+    recipe = spec.recipe
     family = model_family(spec.model)  # validates the name before any data is read
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
-    check_run_folder(run_dir, spec_dict)
-    if (run_dir / WEIGHTS).exists() and (run_dir / "summary.json").exists():
-        summary = json.loads((run_dir / "summary.json").read_text())
-        print(f"{run_dir} is finished ({recipe.iterations} iterations, final test error "
-              f"{100 * summary['final_test_error']:.2f}%); nothing to do")
-        return summary
-
+    folder.check(spec_dict)
+    if (done := folder.finished()) is not None:
+        print(f"{folder.path} is finished ({recipe.iterations} iterations, final test error "
+              f"{100 * done['final_test_error']:.2f}%); nothing to do")
+        return done
     if data is None:
         data = load_dataset(spec.data, val_split=recipe.val_split, seed=0,
-                            skip_bad_images=skip_bad_images)
+                            skip_bad_images=o.skip_bad_images)
     in_channels, num_classes = check_data_fits(spec, data)
-    write_json(run_dir / "recipe.json", spec_dict)
-    env = record_environment(run_dir / "env.json", environment(dev))
+    env = folder.start(spec_dict, environment(dev))
 
     # Sec. 4.2: per-pixel mean subtraction, computed on the training split.
     if recipe.normalization == "pixel":
-        mean, std = compute_pixel_mean(data.train_images), None
+        mean, std = pixel_mean(data.train_images), None
     else:
         mean, std = channel_stats(data.train_images)
     torch.manual_seed(recipe.seed)  # He init is drawn from the seed
@@ -210,253 +168,141 @@ def train(
         spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
         layout=spec.layout, layers_per_block=spec.layers_per_block,
         zero_init_residual=spec.zero_init_residual,
-        gradient_checkpointing=gradient_checkpointing,
-    ).to(dev)
-    # channels_last: faster fp32 convolutions on CPU (oneDNN) and tensor cores on GPU.
-    memory_format = torch.channels_last
-    model = model.to(memory_format=memory_format)
-    # fused=True: one kernel for the whole update. On a CPU the optimizer is ~0.5% of a step
-    # either way (results/bench: fused SGD alone 0.98x); on a GPU it saves launches.
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay, fused=dev.type in ("cpu", "cuda"),
-    )
+        gradient_checkpointing=o.gradient_checkpointing,
+    ).to(dev).to(memory_format=MEMORY_FORMAT)
+    optimizer = make_optimizer(model, recipe, dev)
     stream = BatchStream(len(data.train_images), recipe.batch_size, recipe.seed)
-    warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
-    recent_errors: deque[float] = deque(maxlen=recipe.warmup_window)
-    step, elapsed, nonfinite_in_a_row = 0, 0.0, 0
-    window: dict[str, Any] = {"loss": 0.0, "wrong": 0.0, "seen": 0}
-    metrics_path = run_dir / "metrics.jsonl"
-
-    resumed = load_latest_checkpoint(run_dir)
-    if resumed is not None:
+    step, elapsed, state = 0, 0.0, None
+    if (resumed := load_latest_checkpoint(folder.path)) is not None:
         state, path = resumed
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:  # e.g. the data folder gained a class since the run started
-            raise RunFolderError(
-                f"{path} does not fit {spec.model} with {in_channels} channels and {num_classes} "
-                f"classes as {data.name} now has ({_detail(e)}); restore the data or use a new "
-                "--out"
-            ) from e
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["stream"])
+        _restore(model, optimizer, stream, state, path, spec, data, in_channels, num_classes)
         step, elapsed = state["step"], state["elapsed"]
-        warmup = state["warmup"]
-        recent_errors.extend(state["recent_errors"])
-        window = dict(state["window"])
-        nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        truncate_metrics(metrics_path, step)
-        print(f"resuming {run_dir} from {path.name} (iteration {step}/{recipe.iterations})")
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a run killed before its first checkpoint starts over
-
-    train_images = data.train_images.to(dev)
-    train_labels = data.train_labels.to(dev)
+        print(f"resuming {folder.path} from {path.name} (iteration {step}/{recipe.iterations})")
+    folder.rewind_metrics(step if state is not None else None)
+    warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
+    window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state)
     mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
-    # The window's sums live on the device (a .item() per step would idle a GPU), updated and
-    # reset in place: a captured CUDA graph adds to these very tensors.
-    sums = {"loss": torch.tensor(float(window["loss"]), dtype=torch.float64, device=dev),
-            "wrong": torch.tensor(float(window["wrong"]), dtype=torch.float64, device=dev),
-            "nonfinite": torch.zeros((), dtype=torch.int64, device=dev)}
-    seen = int(window["seen"])
-    # On a GPU the NaN check waits for the next log line or checkpoint instead of syncing every
-    # step; a NaN step then updates the weights, but no checkpoint is written after it. Skipping
-    # (--skip-nonfinite) and the warm-up's per-step error need the per-step check.
-    deferred_check = dev.type in DEFERRED_NAN_CHECK and skip_nonfinite == 0
+    compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
+                     else o.compile_model)
+    run_step = build_step(
+        model, optimizer, data.train_images.to(dev), data.train_labels.to(dev), mean, std,
+        recipe, window, compile_model=compile_model,
+        compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
+        cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,
+        gradient_checkpointing=o.gradient_checkpointing,
+    )
     last_record = step
-    if compile_model is None:
-        compile_model = recipe.iterations >= COMPILE_MIN_ITERATIONS
-    if compile_mode is None:
-        compile_mode = COMPILE_MODES.get(dev.type)
-    compiler_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
-    forward = torch.compile(model, mode=compile_mode) if compile_model else model
-    # A graphed step cannot skip itself (--skip-nonfinite), nest torch.compile's own graphs,
-    # or read the RNG state as activation checkpointing does (not allowed while capturing).
-    can_graph = (dev.type == "cuda" and deferred_check and not compiler_graphs
-                 and not gradient_checkpointing)
-    if cuda_graphs and not can_graph:
-        raise ValueError("--cuda-graphs on does not go with --skip-nonfinite, "
-                         "--gradient-checkpointing or a compile mode that makes its own CUDA "
-                         "graphs")
-    graphed = None
-    if can_graph and cuda_graphs is not False:
-        graphed = GraphedStep(
-            forward=forward, optimizer=optimizer, images=train_images, labels=train_labels,
-            mean=mean, std=std, pad=recipe.pad, precision=recipe.precision,
-            memory_format=memory_format, batch_size=recipe.batch_size, sums=sums,
-        )
-    if dev.type == "cuda" and not deterministic:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick each convolution's fastest
+    where = f"the last good checkpoint in {folder.path} is untouched (try a lower --lr)"
 
-    writer = None
-    if tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+    def evaluation(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        return evaluate(model, images, labels, mean, std, precision=recipe.precision,
+                        memory_format=MEMORY_FORMAT)
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
-
-    stop_signal: list[int] = []
-
-    def on_signal(signum, _frame):
-        stop_signal.append(signum)
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True)
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=recipe.iterations, initial=step, disable=not show, desc=spec.model,
-               unit="it", dynamic_ncols=True)
-    log_every = recipe.log_interval
-    model.train()
-    t0 = time.perf_counter() - elapsed
-
-    def checkpoint_state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "stream": stream.state_dict(), "step": step,
-            "elapsed": time.perf_counter() - t0, "warmup": warmup,
-            "recent_errors": list(recent_errors),
-            "window": {"loss": sums["loss"].item(), "wrong": sums["wrong"].item(),
-                       "seen": seen},
-            "nonfinite_in_a_row": nonfinite_in_a_row, "spec": spec_dict,
-        }
-
-    try:
+    with algorithms(dev, o.deterministic), stop_signals() as stop, _writer(folder, o, step) as tb, \
+            tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
+                 disable=not _show_progress(o), dynamic_ncols=True) as bar:
+        model.train()
+        t0 = time.perf_counter() - elapsed
         while step < recipe.iterations:
-            lr = learning_rate(recipe, step, warming_up=warmup)
+            lr = learning_rate(recipe, step, warming_up=window.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = stream.next()
-            offsets = flips = None
-            if recipe.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
-                offsets, flips = crop_flip_draw(len(idx), recipe.pad,
-                                                _augment_generator(recipe.seed, step))
-            if graphed is not None and not warmup:
-                graphed(idx, offsets, flips)  # adds to the window's sums on the device
-                seen += recipe.batch_size
-                step += 1
-            else:
-                finite, wrong = True, None
-                x, y = augmented_batch(
-                    train_images, train_labels, to_device(idx, dev), mean=mean, std=std,
-                    pad=recipe.pad, offsets=None if offsets is None else to_device(offsets, dev),
-                    flips=None if flips is None else to_device(flips, dev),
-                    memory_format=memory_format,
-                )
-                # A skipped step leaves the model as it was, BN statistics included.
-                buffers = [b.clone() for b in model.buffers()] if skip_nonfinite else []
-                if compiler_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                # wrong is counted before backward: a CUDA graph's outputs are only safe to
-                # read until it runs again.
-                _, loss, wrong = forward_loss(forward, x, y, dev, recipe.precision)
-                if not (deferred_check and not warmup):
-                    finite = bool(torch.isfinite(loss))
-                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-                if nonfinite_in_a_row > skip_nonfinite:
-                    in_a_row = f" ({nonfinite_in_a_row} in a row)" if skip_nonfinite else ""
-                    raise NonFiniteLoss(
-                        f"loss is {loss.item()} at iteration {step + 1}{in_a_row}; the last "
-                        f"good checkpoint in {run_dir} is untouched (try a lower --lr)"
-                    )
-                if finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                else:  # --skip-nonfinite: no update; the iteration still counts
-                    with torch.no_grad():
-                        for b, saved in zip(model.buffers(), buffers, strict=True):
-                            b.copy_(saved)
-                    bar.write(f"skipped iteration {step + 1}: loss is {loss.item()} "
-                              f"({nonfinite_in_a_row} in a row, --skip-nonfinite "
-                              f"{skip_nonfinite})")
-                step += 1
-
-                # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
-                if finite:
-                    add_to_window(sums, loss, wrong, len(y))
-                    seen += len(y)
-                    if warmup:
-                        recent_errors.append(wrong.item() / len(y))
-                        full = len(recent_errors) == recent_errors.maxlen
-                        if (full and sum(recent_errors) / len(recent_errors)
-                                < recipe.warmup_until_error):
-                            warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
-                            bar.write(f"warm-up over at iteration {step}: training error below "
-                                      f"{recipe.warmup_until_error:.0%}, lr back to {recipe.lr}")
+            try:
+                note = run_step(stream.next(), step)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e}; {where}") from None
+            step += 1
+            if note:
+                bar.write(note)
             bar.update(1)
 
             evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
-            saving = (step % recipe.checkpoint_every == 0 or step == recipe.iterations
-                      or bool(stop_signal))
-            logging = step % log_every == 0 or evaluating
-            if deferred_check and (logging or saving) and int(sums["nonfinite"]):
-                raise NonFiniteLoss(
-                    f"loss became NaN or infinite between iterations {last_record + 1} and "
-                    f"{step}; the last good checkpoint in {run_dir} is untouched (try a lower "
-                    "--lr)"
-                )
+            saving = step % recipe.checkpoint_every == 0 or step == recipe.iterations or bool(stop)
+            logging = step % recipe.log_interval == 0 or evaluating
+            if run_step.deferred and (logging or saving) and window.nonfinite_since_check():
+                raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
+                                    f"{last_record + 1} and {step}; {where}")
             if logging:
                 last_record = step
+                train_loss, train_error = window.take()
                 record: dict[str, Any] = {
-                    "step": step,
-                    "epoch": step * recipe.batch_size / len(train_images),
-                    "lr": lr,
-                    "train_loss": sums["loss"].item() / max(seen, 1),
-                    "train_error": sums["wrong"].item() / max(seen, 1),
+                    "step": step, "epoch": step * recipe.batch_size / len(data.train_images),
+                    "lr": lr, "train_loss": train_loss, "train_error": train_error,
                 }
-                sums["loss"].zero_()
-                sums["wrong"].zero_()
-                seen = 0
                 if evaluating:
-                    record["test_error"], record["test_loss"] = evaluate(
-                        model, data.test_images, data.test_labels, mean, std,
-                        precision=recipe.precision, memory_format=memory_format,
-                    )
+                    record["test_error"], record["test_loss"] = evaluation(
+                        data.test_images, data.test_labels)
                     if data.val_images is not None:
-                        record["val_error"], record["val_loss"] = evaluate(
-                            model, data.val_images, data.val_labels, mean, std,
-                            precision=recipe.precision, memory_format=memory_format,
-                        )
-                if not deterministic:  # wall-clock time would differ between two runs
+                        record["val_error"], record["val_loss"] = evaluation(
+                            data.val_images, data.val_labels)
+                if not o.deterministic:  # wall-clock time would differ between two runs
                     record["time"] = time.perf_counter() - t0
-                try:  # a torn line from a full disk is dropped on resume, like one from a kill
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                except OSError as e:
-                    raise write_error(metrics_path, e) from e
-                if writer is not None:
-                    for k, v in record.items():
-                        if k not in ("step", "epoch", "time"):
-                            writer.add_scalar(k, v, step)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                                err=f"{100 * record['train_error']:.1f}%")
-                if evaluating:
-                    val = (f", val error {100 * record['val_error']:.2f}%"
-                           if "val_error" in record else "")
-                    bar.write(
-                        f"iteration {step}/{recipe.iterations}  lr {lr:g}  train error "
-                        f"{100 * record['train_error']:.2f}%  test error "
-                        f"{100 * record['test_error']:.2f}%{val}"
-                    )
+                folder.append_metrics(record)
+                _log(tb, bar, record, recipe.iterations, evaluating)
             if saving:
-                path = save_checkpoint(run_dir, step, checkpoint_state(), keep=keep_checkpoints)
-                if stop_signal and step < recipe.iterations:
-                    raise TrainingStopped(step, path, stop_signal[0])
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        torch.use_deterministic_algorithms(was_deterministic)
+                path = save_checkpoint(folder.path, step, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "stream": stream.state_dict(), "step": step,
+                    "elapsed": time.perf_counter() - t0, **window.state_dict(),
+                    "spec": spec_dict,
+                }, keep=o.keep_checkpoints)
+                if stop and step < recipe.iterations:
+                    raise TrainingStopped(step, path, stop[0])
 
-    wall = time.perf_counter() - t0
+    summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
+    folder.finish(model.state_dict(), weights_metadata(spec_dict, in_channels, num_classes,
+                                                       mean, std), summary)
+    return summary
+
+
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream,
+             state: dict[str, Any], path: Path, spec: RunSpec, data: Dataset, in_channels: int,
+             num_classes: int) -> None:
+    """Load a checkpoint's model, optimizer and batch order (the window is Window.start's)."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # e.g. the data folder gained a class since the run started
+        raise RunFolderError(
+            f"{path} does not fit {spec.model} with {in_channels} channels and {num_classes} "
+            f"classes as {data.name} now has ({_detail(e)}); restore the data or use a new "
+            "--out"
+        ) from e
+    optimizer.load_state_dict(state["optimizer"])
+    stream.load_state_dict(state["stream"])
+
+
+def _show_progress(options: TrainOptions) -> bool:
+    return sys.stderr.isatty() if options.progress is None else options.progress
+
+
+def _writer(folder: RunFolder, options: TrainOptions, step: int):
+    """TensorBoard events under tb/, purged past `step` on resume; or nothing."""
+    if not options.tensorboard:
+        return nullcontext()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder.path / "tb"), purge_step=step or None)
+
+
+def _log(tb, bar: tqdm, record: dict[str, Any], iterations: int, evaluating: bool) -> None:
+    """A metrics record to TensorBoard, the progress bar and, at an evaluation, one line."""
+    if tb is not None:
+        for k, v in record.items():
+            if k not in ("step", "epoch", "time"):
+                tb.add_scalar(k, v, record["step"])
+    bar.set_postfix(loss=f"{record['train_loss']:.3f}", err=f"{100 * record['train_error']:.1f}%")
+    if evaluating:
+        val = f", val error {100 * record['val_error']:.2f}%" if "val_error" in record else ""
+        bar.write(f"iteration {record['step']}/{iterations}  lr {record['lr']:g}  train error "
+                  f"{100 * record['train_error']:.2f}%  test error "
+                  f"{100 * record['test_error']:.2f}%{val}")
+
+
+def _summary(spec: RunSpec, model: torch.nn.Module, folder: RunFolder, env: dict[str, Any],
+             wall: float) -> dict[str, Any]:
+    recipe = spec.recipe
     shortcut = spec.shortcut or default_shortcut(spec.model)
-    final = json.loads(metrics_path.read_text().splitlines()[-1])
+    final = folder.last_record()
     summary = {
         "model": spec.model,
         "data": spec.data,
@@ -475,19 +321,13 @@ def train(
         "final_test_loss": final["test_loss"],
         "wall_time_s": wall,
         "images_per_second": recipe.iterations * recipe.batch_size / wall,
-        "run_dir": str(run_dir),
+        "run_dir": str(folder.path),
         **{k: v for k, v in env.items() if k in ("commit", "cpu", "gpu", "torch")},
     }
     if env.get("resumes"):
         summary["resumed_at_commits"] = sorted({r["commit"] or "unknown" for r in env["resumes"]})
     if "val_error" in final:
         summary["final_val_error"] = final["val_error"]
-    save_weights(run_dir / WEIGHTS, model.state_dict(), {
-        "spec": spec_dict, "in_channels": in_channels, "num_classes": num_classes,
-        "normalization": {"mean": mean.cpu().tolist(),
-                          "std": None if std is None else std.cpu().tolist()},
-    })
-    write_json(run_dir / "summary.json", summary)
     return summary
 
 

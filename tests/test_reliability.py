@@ -43,7 +43,7 @@ from reslab.checkpoint import (
 from reslab.cli import main
 from reslab.data import DataError, load_dataset
 from reslab.recipes import Recipe
-from reslab.train import NonFiniteLoss, RunSpec, train
+from reslab.train import NonFiniteLoss, RunSpec, TrainOptions, train
 
 TINY = replace(Recipe(), batch_size=16, eval_every=10, checkpoint_every=5, log_every=2)
 SPEC = RunSpec(model="resnet8", data="synthetic", recipe=TINY.with_iterations(20))
@@ -66,7 +66,7 @@ def finished(tmp_path_factory):
     """An uninterrupted 20-iteration run of SPEC, and its data as an ImageFolder."""
     root = tmp_path_factory.mktemp("finished")
     data = make_dataset()
-    train(SPEC, root / "run", data=data, tensorboard=False)
+    train(SPEC, root / "run", data=data, options=TrainOptions(tensorboard=False))
     folder = write_image_folder(root / "imgs", data)
     return SimpleNamespace(run=root / "run", weights=(root / "run/model.safetensors").read_bytes(),
                            folder=folder)
@@ -306,13 +306,13 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous(tmp_path, finishe
     run = tmp_path / "run"
     _die_after_checkpoint(monkeypatch, 15)
     with pytest.raises(Killed):
-        train(SPEC, run, data=make_dataset(), tensorboard=False)
+        train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     monkeypatch.undo()
     newest, previous = run / "checkpoint-00000015.pt", run / "checkpoint-00000010.pt"
     assert list_checkpoints(run) == [previous, newest]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.warns(UserWarning) as warned:
-        train(SPEC, run, data=make_dataset(), tensorboard=False)
+        train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     message = str(warned[0].message)
     assert f"checkpoint {newest} is unreadable" in message
     assert f"resuming from {previous}" in message
@@ -548,7 +548,7 @@ def test_nan_loss_stops_with_the_iteration_and_the_last_checkpoint_untouched(tmp
     written = _recording_saves(monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at iteration 13; the last good "):
-        train(SPEC, run, data=make_dataset(), tensorboard=False)
+        train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert list(written) == ["checkpoint-00000005.pt", "checkpoint-00000010.pt"]
     on_disk = {p.name: p.read_bytes() for p in run.glob("checkpoint-*")}
     assert on_disk == written  # byte for byte as written before the NaN
@@ -558,12 +558,12 @@ def test_nan_loss_stops_with_the_iteration_and_the_last_checkpoint_untouched(tmp
 def test_deferred_nan_check_stops_at_the_next_log_line_before_any_checkpoint(tmp_path,
                                                                             monkeypatch):
     """The GPU path (no host sync per step), exercised on the CPU."""
-    monkeypatch.setattr(reslab.train, "DEFERRED_NAN_CHECK", ("cpu",))
+    monkeypatch.setattr(reslab.step, "DEFERRED_NAN_CHECK", ("cpu",))
     _nan_loss_at(monkeypatch, {13})
     written = _recording_saves(monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match=r"between iterations 13 and 14; the last good "):
-        train(SPEC, run, data=make_dataset(), tensorboard=False)
+        train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert list(written) == ["checkpoint-00000005.pt", "checkpoint-00000010.pt"]
     assert not (run / "model.safetensors").exists()
 
@@ -571,8 +571,9 @@ def test_deferred_nan_check_stops_at_the_next_log_line_before_any_checkpoint(tmp
 def test_deferred_nan_check_logs_the_same_metrics_resume_included(tmp_path, monkeypatch):
     """Window sums kept on the device give the per-step path's metrics, also across a resume
     from a checkpoint taken mid-window (iteration 5; lines every 2)."""
-    train(SPEC, tmp_path / "a", data=make_dataset(), tensorboard=False, deterministic=True)
-    monkeypatch.setattr(reslab.train, "DEFERRED_NAN_CHECK", ("cpu",))
+    train(SPEC, tmp_path / "a", data=make_dataset(),
+          options=TrainOptions(tensorboard=False, deterministic=True))
+    monkeypatch.setattr(reslab.step, "DEFERRED_NAN_CHECK", ("cpu",))
     real = reslab.train.save_checkpoint
 
     def save_then_die(run_dir, step, state, keep=2):
@@ -583,9 +584,11 @@ def test_deferred_nan_check_logs_the_same_metrics_resume_included(tmp_path, monk
 
     monkeypatch.setattr(reslab.train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(SPEC, tmp_path / "b", data=make_dataset(), tensorboard=False, deterministic=True)
+        train(SPEC, tmp_path / "b", data=make_dataset(),
+              options=TrainOptions(tensorboard=False, deterministic=True))
     monkeypatch.setattr(reslab.train, "save_checkpoint", real)
-    train(SPEC, tmp_path / "b", data=make_dataset(), tensorboard=False, deterministic=True)
+    train(SPEC, tmp_path / "b", data=make_dataset(),
+          options=TrainOptions(tensorboard=False, deterministic=True))
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (
         tmp_path / "b" / "metrics.jsonl").read_bytes()
 
@@ -595,8 +598,8 @@ def test_skip_nonfinite_skips_the_step_and_stops_after_k_in_a_row(tmp_path, monk
     _nan_loss_at(monkeypatch, {13, 14})
     run = tmp_path / "skipped"
     spec = replace(SPEC, recipe=replace(SPEC.recipe, checkpoint_every=1))
-    train(spec, run, data=make_dataset(), tensorboard=False, skip_nonfinite=2,
-          keep_checkpoints=100)
+    train(spec, run, data=make_dataset(),
+          options=TrainOptions(tensorboard=False, skip_nonfinite=2, keep_checkpoints=100))
     out = capsys.readouterr().out
     assert "skipped iteration 13: loss is nan (1 in a row, --skip-nonfinite 2)" in out
     assert "skipped iteration 14: loss is nan (2 in a row" in out
@@ -613,8 +616,8 @@ def test_skip_nonfinite_skips_the_step_and_stops_after_k_in_a_row(tmp_path, monk
 
     _nan_loss_at(monkeypatch, {13, 14, 15})
     with pytest.raises(NonFiniteLoss, match=r"iteration 15 \(3 in a row\)"):
-        train(spec, tmp_path / "three", data=make_dataset(), tensorboard=False,
-              skip_nonfinite=2, keep_checkpoints=100)
+        train(spec, tmp_path / "three", data=make_dataset(),
+              options=TrainOptions(tensorboard=False, skip_nonfinite=2, keep_checkpoints=100))
 
 
 def _flat(state, prefix="") -> dict[str, torch.Tensor]:
@@ -692,14 +695,14 @@ def test_full_disk_while_checkpointing(tmp_path, finished, monkeypatch):
     run = tmp_path / "run"
     _write_fails(monkeypatch, "checkpoint-00000015", errno.ENOSPC)
     with pytest.raises(CheckpointError) as info:
-        train(SPEC, run, data=make_dataset(), tensorboard=False)
+        train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert f"cannot write {run / 'checkpoint-00000015.pt'}: disk full" in str(info.value)
     assert "rerun the same command" in str(info.value)
     assert not list(run.glob(".*tmp*"))  # the temporary file is removed
     state, path = load_latest_checkpoint(run)
     assert path.name == "checkpoint-00000010.pt" and state["step"] == 10
     monkeypatch.undo()  # space freed: the same call resumes and ends as if nothing happened
-    train(SPEC, run, data=make_dataset(), tensorboard=False)
+    train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert (run / "model.safetensors").read_bytes() == finished.weights
 
 
@@ -732,15 +735,15 @@ def test_real_full_and_read_only_disk(tmp_path, finished):
     try:
         run = disk / "run"
         with pytest.raises(CheckpointError, match="checkpoint-00000010.pt: disk full"):
-            train(SPEC, run, data=make_dataset(), tensorboard=False)
+            train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
         assert not list(run.glob(".*tmp*"))
         assert load_latest_checkpoint(run)[0]["step"] == 5
         assert _mount(["-o", "remount,ro", str(disk)])
         with pytest.raises(CheckpointError, match=r"recipe.json: not writable \(read-only"):
-            train(SPEC, run, data=make_dataset(), tensorboard=False)
+            train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
         assert load_latest_checkpoint(run)[0]["step"] == 5
         assert _mount(["-o", "remount,rw,size=8m", str(disk)])
-        train(SPEC, run, data=make_dataset(), tensorboard=False)
+        train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
         assert (run / "model.safetensors").read_bytes() == finished.weights
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)

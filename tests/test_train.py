@@ -20,7 +20,7 @@ from conftest import make_dataset, write_image_folder
 from reslab.cli import main
 from reslab.data import cifar10_jpeg_folder
 from reslab.recipes import RECIPES, Recipe, get_recipe, learning_rate
-from reslab.train import RunFolderError, RunSpec, train
+from reslab.train import RunFolderError, RunSpec, TrainOptions, train
 
 TINY = replace(Recipe(), batch_size=16, eval_every=10, checkpoint_every=10, log_every=2)
 
@@ -60,13 +60,13 @@ def test_warmup_is_a_condition_not_a_count(tmp_path, tiny_data):
     spec = RunSpec(model="resnet8", data="synthetic",
                    recipe=replace(TINY, iterations=30, warmup_min_depth=8, warmup_window=4,
                                   warmup_until_error=0.6))
-    train(spec, tmp_path / "run", data=tiny_data, tensorboard=False)
+    train(spec, tmp_path / "run", data=tiny_data, options=TrainOptions(tensorboard=False))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run/metrics.jsonl").open()]
     assert lrs[0] == 0.01 and 0.1 in lrs
     switch = lrs.index(0.1)
     assert all(lr == 0.01 for lr in lrs[:switch])
     spec_off = replace(spec, recipe=replace(spec.recipe, warmup_until_error=0.0))
-    train(spec_off, tmp_path / "never", data=tiny_data, tensorboard=False)
+    train(spec_off, tmp_path / "never", data=tiny_data, options=TrainOptions(tensorboard=False))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "never/metrics.jsonl").open()]
     assert set(lrs) == {0.01}  # never below 0% error: the warm-up never ends
 
@@ -109,13 +109,13 @@ def test_tiny_end_to_end_run_folder_and_eval(tmp_path, tiny_data, capsys):
 
 def test_finished_run_says_so_and_different_recipe_is_refused(tmp_path, tiny_data, capsys):
     run = tmp_path / "run"
-    train(_spec(iterations=20), run, data=tiny_data, tensorboard=False)
+    train(_spec(iterations=20), run, data=tiny_data, options=TrainOptions(tensorboard=False))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
-    train(_spec(iterations=20), run, data=tiny_data, tensorboard=False)
+    train(_spec(iterations=20), run, data=tiny_data, options=TrainOptions(tensorboard=False))
     assert "is finished" in capsys.readouterr().out
     with pytest.raises(RunFolderError, match="iterations: 20 there, 30 now"):
-        train(_spec(iterations=30), run, data=tiny_data, tensorboard=False)
+        train(_spec(iterations=30), run, data=tiny_data, options=TrainOptions(tensorboard=False))
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert before == after
 
@@ -226,8 +226,9 @@ def test_cuda_graphed_steps_equal_eager_steps(tmp_path, tiny_data):
     runs = {}
     for graphs in (False, True):
         run = tmp_path / f"graphs-{graphs}"
-        train(spec, run, data=tiny_data, device="cuda", cuda_graphs=graphs,
-              compile_model=False, tensorboard=False, deterministic=True)
+        train(spec, run, data=tiny_data, options=TrainOptions(
+            device="cuda", cuda_graphs=graphs, compile_model=False, tensorboard=False,
+            deterministic=True))
         runs[graphs] = ([json.loads(line) for line in (run / "metrics.jsonl").open()],
                         load_file(run / "model.safetensors"))
     (eager, eager_w), (graphed, graphed_w) = runs[False], runs[True]
@@ -242,5 +243,5 @@ def test_cuda_graphed_steps_equal_eager_steps(tmp_path, tiny_data):
 
 def test_cuda_graphs_need_a_cuda_device(tmp_path, tiny_data):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        train(_spec(iterations=4), tmp_path / "run", data=tiny_data, device="cpu",
-              cuda_graphs=True, tensorboard=False)
+        train(_spec(iterations=4), tmp_path / "run", data=tiny_data,
+              options=TrainOptions(device="cpu", cuda_graphs=True, tensorboard=False))
