@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .complexity import describe
-from .data import crop_flip_draw, normalize, pad_crop_flip, to_device
+from .data import BatchStream, crop_flip_draw, normalize, pad_crop_flip, pixel_mean, to_device
 from .evaluate import autocast
 from .models import build_model
-from .step import GraphedStep
+from .recipes import get_recipe
+from .runtime import resolve_precision
+from .step import MEMORY_FORMAT, GraphedStep, Step, Window, build_step, make_optimizer
 from .train import COMPILE_MODES
 
 
@@ -222,6 +224,62 @@ def time_training(name: str, images, labels, setup: Setup, batch_size: int, step
             "step_split": split}
 
 
+def reslab_step(name: str, images: torch.Tensor, labels: torch.Tensor, *, device: str,
+                batch_size: int, compile_model: bool, model_only: bool = False,
+                cuda_graphs: bool | None = None) -> tuple[Step, BatchStream]:
+    """train()'s own step for `name` on these images, built by the function train() uses
+    (step.build_step), with the paper's recipe at `batch_size`; model only: no augmentation."""
+    dev = torch.device(device)
+    recipe = replace(get_recipe("cifar10"), batch_size=batch_size, pad=0 if model_only else 4)
+    recipe = replace(recipe, precision=resolve_precision(recipe.precision, dev))
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=images.shape[1], num_classes=10).to(dev)
+    model = model.to(memory_format=MEMORY_FORMAT).train()
+    window = Window.start(dev, warmup=False, warmup_window=recipe.warmup_window)
+    step = build_step(
+        model, make_optimizer(model, recipe, dev), images.to(dev), labels.to(dev),
+        pixel_mean(images).to(dev), None, recipe, window, compile_model=compile_model,
+        compile_mode=COMPILE_MODES.get(dev.type), cuda_graphs=cuda_graphs,
+    )
+    return step, BatchStream(len(images), batch_size, seed=0)
+
+
+def time_reslab(name: str, images, labels, *, device: str, batch_size: int, steps: int,
+                compile_model: bool, warmup: int = 3, model_only: bool = False
+                ) -> dict[str, Any]:
+    """Steady-state images/s of train()'s step (reslab_step); its batch order apart in the
+    split. Model only: the same batch every step, not augmented."""
+    dev = torch.device(device)
+    step, stream = reslab_step(name, images, labels, device=device, batch_size=batch_size,
+                               compile_model=compile_model, model_only=model_only)
+    fixed = torch.arange(batch_size)
+    i = 0
+
+    def run(n: int, timings: dict[str, list[float]] | None = None) -> float:
+        nonlocal i
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            td = time.perf_counter()
+            idx = fixed if model_only else stream.next()
+            t1 = time.perf_counter()
+            step(idx, i)
+            i += 1
+            if timings is not None:
+                timings["batch order"].append(t1 - td)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    # A graphed step captures after its eager warm-up: warm up past it.
+    warm = run(max(warmup, step.graphed.warmup + 1) if step.graphed else warmup)
+    timings: dict[str, list[float]] = {"batch order": []}
+    total = run(steps, timings)
+    order = sum(timings["batch order"]) / total
+    return {"images_per_second": steps * batch_size / total, "warmup_s": warm,
+            "step_split": {"batch order": order,
+                           "step (augmentation, forward, backward, SGD)": 1 - order}}
+
+
 def _time_graphed(name: str, images, labels, setup: Setup, batch_size: int, steps: int,
                   warmup: int, model_only: bool) -> dict[str, Any]:
     """As time_training, for train()'s CUDA path: data resident on the GPU, the whole step
@@ -277,31 +335,30 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def kernel_split(name: str, images, setup: Setup, batch_size: int, steps: int,
+def kernel_split(name: str, images: torch.Tensor, labels: torch.Tensor, *, device: str,
+                 compile_model: bool, batch_size: int, steps: int,
                  multiply_adds: int) -> dict[str, Any]:
-    """Where a model-only step's time goes: convolutions (forward and backward) vs the rest.
+    """Where train()'s model-only step's time goes: convolutions (forward and backward) vs the
+    rest.
 
     The rest is mostly BN, ReLU and the shortcut additions, which are bound by memory, not by
     multiply-adds; the convolutions' own rate shows how close they run to the matmul peak.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    dev = torch.device(setup.device)
+    dev = torch.device(device)
     # The profiler cannot see inside a CUDA graph's replay: the same step without graphs.
-    setup = replace(setup, whole_step_graph=False,
-                    compile_mode=None if setup.cuda_graphs else setup.compile_mode)
-    model, forward = _model(name, images.shape[1], setup)
-    step = _step_fn(model, forward, setup)
-    x = images[:batch_size].to(dev).float().div(255)
-    y = torch.zeros(batch_size, dtype=torch.long, device=dev)
-    for _ in range(3):
-        step(x, y)
+    step, _ = reslab_step(name, images, labels, device=device, batch_size=batch_size,
+                          compile_model=compile_model, model_only=True, cuda_graphs=False)
+    idx = torch.arange(batch_size)
+    for i in range(3):
+        step(idx, i)
     _sync(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     t0 = time.perf_counter()
     with _quiet_stderr(), profile(activities=activities) as prof:
-        for _ in range(steps):
-            step(x, y)
+        for i in range(steps):
+            step(idx, 3 + i)
         _sync(dev)
     wall = (time.perf_counter() - t0) / steps
     if dev.type == "cuda":  # GPU time of the convolutions' kernels, forward and backward
@@ -330,21 +387,20 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     images, labels = _images(max(4 * batch_size, 2048), in_channels, size)
     peak_fp32 = matmul_peak(torch.float32, device=device)
     peak_bf16 = matmul_peak(torch.bfloat16, device=device)
-    # reslab's training path: the same choices train() makes for this device.
-    best = Setup(precision="bf16", channels_last=True, compile=compile_model, batched_aug=True,
-                 device=device, compile_mode=COMPILE_MODES.get(dev.type),
-                 whole_step_graph=dev.type == "cuda", fused_sgd=True)
     ref = Setup(device=device)
     out: dict[str, Any] = {"model": name, "batch_size": batch_size, "input_size": size,
                            "steps": steps, "threads": torch.get_num_threads(),
                            "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                                       else "cpu"),
-                           "compile_mode": best.compile_mode if compile_model else None,
-                           "whole_step_cuda_graph": best.whole_step_graph,
+                           "compile_mode": COMPILE_MODES.get(dev.type) if compile_model else None,
+                           "whole_step_cuda_graph": dev.type == "cuda",
                            "multiply_adds_per_image": info.multiply_adds,
                            "peak_fp32_madds_per_s": peak_fp32, "peak_bf16_madds_per_s": peak_bf16}
-    ours = time_training(name, images, labels, best, batch_size, steps)
-    ours_model = time_training(name, images, labels, best, batch_size, steps, model_only=True)
+    # reslab's path is train()'s own step, so the benchmark cannot drift from training.
+    ours = time_reslab(name, images, labels, device=device, batch_size=batch_size,
+                       steps=steps, compile_model=compile_model)
+    ours_model = time_reslab(name, images, labels, device=device, batch_size=batch_size,
+                             steps=steps, compile_model=compile_model, model_only=True)
     ref_e2e = time_training(name, images, labels, replace(ref, batched_aug=False), batch_size,
                             steps)
     ref_model = time_training(name, images, labels, ref, batch_size, steps, model_only=True)
@@ -365,7 +421,9 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     out["achieved_madds_per_s"] = achieved
     out["peak_fraction"] = achieved / peak_bf16
     out["peak_fraction_fp32"] = achieved / peak_fp32
-    split = kernel_split(name, images, best, batch_size, max(steps // 2, 2), info.multiply_adds)
+    split = kernel_split(name, images, labels, device=device, compile_model=compile_model,
+                         batch_size=batch_size, steps=max(steps // 2, 2),
+                         multiply_adds=info.multiply_adds)
     split["convolution_peak_fraction"] = split["convolution_madds_per_s"] / peak_bf16
     out["kernel_split"] = split
     if ablation:

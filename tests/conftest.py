@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +12,14 @@ import torch
 from PIL import Image
 
 from reslab.data import Dataset
+from reslab.recipes import Recipe
+from reslab.train import RunSpec, TrainOptions, train
+
+# The run of the reliability tests (test_checkpoint, test_resume, test_faults).
+RELIABILITY_TINY = replace(Recipe(), batch_size=16, eval_every=10, checkpoint_every=5,
+                           log_every=2)
+RELIABILITY_SPEC = RunSpec(model="resnet8", data="synthetic",
+                           recipe=RELIABILITY_TINY.with_iterations(20))
 
 
 def make_dataset(n_train: int = 96, n_test: int = 40, size: int = 12, classes: int = 3,
@@ -46,3 +56,29 @@ def write_image_folder(root: Path, dataset: Dataset) -> Path:
 @pytest.fixture
 def tiny_data() -> Dataset:
     return make_dataset()
+
+
+@pytest.fixture(scope="module")
+def quiet_machine(tmp_path_factory):
+    """ImageFolder caches go to a folder of this module, never to ~/.cache; one thread, as the
+    subprocesses (OMP_NUM_THREADS=1), so a loaded machine is not oversubscribed. Both are
+    restored after the module, whatever happens."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RESLAB_DATA", str(tmp_path_factory.mktemp("reslab-data")))
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, quiet_machine):
+    """An uninterrupted 20-iteration run of RELIABILITY_SPEC, and its data as an ImageFolder."""
+    root = tmp_path_factory.mktemp("finished")
+    data = make_dataset()
+    train(RELIABILITY_SPEC, root / "run", data=data, options=TrainOptions(tensorboard=False))
+    folder = write_image_folder(root / "imgs", data)
+    return SimpleNamespace(run=root / "run", weights=(root / "run/model.safetensors").read_bytes(),
+                           folder=folder)

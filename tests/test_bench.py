@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from reslab import build_model
@@ -37,7 +38,14 @@ def test_bench_train_and_infer_json(capsys):
     assert main(["bench", "infer", "resnet8", "--batch-size", "4", "--no-compile",
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["ratio"] >= 1 and r["folding_max_abs_error"] < 1e-3
+    # The best path is the fastest row, the reference is the eager fp32 row, and the ratio is
+    # theirs: each figure is read from the rows it names.
+    paths = {k: v["images_per_second"] for k, v in r["paths"].items()}
+    assert r["best_path"] == max(paths, key=paths.get)
+    assert r["images_per_second"] == paths[r["best_path"]]
+    assert r["reference_images_per_second"] == paths["eager fp32"]
+    assert r["ratio"] == pytest.approx(paths[r["best_path"]] / paths["eager fp32"])
+    assert r["folding_max_abs_error"] < 1e-3
 
 
 def test_frozen_compiled_inference_computes_the_same():

@@ -1,0 +1,246 @@
+"""Resume equals uninterrupted (issue 6): real kills (SIGKILL at random points, SIGINT) of
+`python -m reslab train`, then the same command; deterministic mode; a resume that no longer fits
+its data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import reslab.checkpoint
+import reslab.step
+import reslab.train
+from conftest import RELIABILITY_SPEC, RELIABILITY_TINY, make_dataset, write_image_folder
+from reslab.checkpoint import (
+    list_checkpoints,
+)
+from reslab.cli import main
+
+TINY, SPEC = RELIABILITY_TINY, RELIABILITY_SPEC
+pytestmark = pytest.mark.usefixtures("quiet_machine")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 and 3: kill -9 anywhere, SIGINT; the same command again gives the uninterrupted result
+
+N = 50  # iterations of the CLI runs
+CLI_ARGS = ["resnet8", "--iterations", str(N), "--batch-size", "16", "--checkpoint-every", "5",
+            "--eval-every", "10", "--log-every", "3", "--deterministic", "--no-progress"]
+
+# Runs `reslab ARGS` but SIGKILLs itself inside the n-th evaluation of this process, or halfway
+# through writing its n-th checkpoint or its weights (leaving half a temporary file, as a real
+# kill would).
+KILLER = r"""
+import os, signal, sys
+import reslab.checkpoint, reslab.train
+from reslab.cli import main
+
+kind, n = sys.argv[1], int(sys.argv[2])
+del sys.argv[1:3]
+calls = [0]
+evaluate, atomic_write = reslab.train.evaluate, reslab.checkpoint._atomic_write
+
+def dying_evaluate(*args, **kwargs):
+    calls[0] += 1
+    result = evaluate(*args, **kwargs)
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+def dying_write(path, data):
+    if path.name.startswith("checkpoint-" if kind == "checkpoint" else "model.safetensors"):
+        calls[0] += 1
+        if calls[0] == n:
+            with open(path.with_name(f".{path.name}.tmp-{os.getpid()}"), "wb") as f:
+                f.write(bytes(data)[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    atomic_write(path, data)
+
+if kind == "eval":
+    reslab.train.evaluate = dying_evaluate
+else:
+    reslab.checkpoint._atomic_write = dying_write
+sys.exit(main())
+"""
+
+
+def _start(args: list[str], env: dict, kill: tuple[str, int] | None = None) -> subprocess.Popen:
+    head = [sys.executable, "-c", KILLER, kill[0], str(kill[1])] if kill else \
+        [sys.executable, "-m", "reslab"]
+    return subprocess.Popen([*head, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """metrics.jsonl without a torn last line (a kill mid-write)."""
+    return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
+def _last_step(run: Path) -> int:
+    lines = _complete_lines(run / "metrics.jsonl")
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _newest_checkpoint(run: Path) -> int:
+    found = list_checkpoints(run)
+    return int(found[-1].stem.split("-")[1]) if found else 0
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if _last_step(run) >= step:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"run never reached step {step}")
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory):
+    """The uninterrupted CLI run, started now, awaited by .finish()."""
+    root = tmp_path_factory.mktemp("cli")
+    folder = write_image_folder(root / "imgs", make_dataset(n_train=64, n_test=200))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               RESLAB_DATA=str(root / "reslab-data"))
+    args = [*CLI_ARGS, "--data", str(folder)]
+    proc = _start(["train", *args, "--out", str(root / "ref")], env)
+
+    def finish() -> Path:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        return root / "ref"
+
+    return SimpleNamespace(root=root, args=args, env=env, finish=finish)
+
+
+def test_kill_9_at_10_random_points_then_rerun_equals_uninterrupted(cli_reference):
+    ref = cli_reference
+    run = ref.root / "cut"
+    cmd = ["train", *ref.args, "--out", str(run)]
+    rng = random.Random(2016)
+    kinds = ["step"] * 3 + ["eval"] * 3 + ["checkpoint"] * 3
+    rng.shuffle(kinds)
+    kinds.append("weights")  # last: the run is over but for its final weights file
+    processes = []  # (newest checkpoint when it started, its stdout, metrics when it ended)
+    landed = []
+    for kind in kinds:
+        start = _newest_checkpoint(run)
+        low = max(start, _last_step(run)) + 1
+        if kind == "step" and low > N - 6:
+            kind = "checkpoint"  # too close to the end for a kill from outside
+        if start == N:
+            kind = "weights"
+        if kind == "step":  # from outside: mid-epoch, in evaluation or in a checkpoint write
+            at = rng.randint(low, min(low + 8, N - 6))
+            proc = _start(cmd, ref.env)
+            _wait_for_step(run, at, proc)
+            proc.kill()
+        else:  # from inside: the n-th evaluation or checkpoint write of this process
+            every = {"eval": 10, "checkpoint": 5, "weights": N}[kind]
+            left = sum(1 for s in range(start + 1, N + 1) if s % every == 0 or s == N)
+            at = rng.randint(1, min(2, left)) if kind != "weights" else 1
+            proc = _start(cmd, ref.env, kill=(kind, at))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, (kind, err)
+        torn = [p.name for p in run.glob(".*.tmp-*")]
+        landed.append(f"{kind} {at}: from {start}, logged {_last_step(run)}, "
+                      f"newest checkpoint {_newest_checkpoint(run)}, torn {torn}")
+        processes.append((start, out, _complete_lines(run / "metrics.jsonl")))
+    start = _newest_checkpoint(run)
+    final = _start(cmd, ref.env)
+    out, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err
+    processes.append((start, out, _complete_lines(run / "metrics.jsonl")))
+
+    ref_run = ref.finish()
+    ref_metrics = _complete_lines(ref_run / "metrics.jsonl")
+    recovered = 0
+    for start, out, metrics in processes[1:]:  # each one reran the command after a kill
+        resumed = (f"from checkpoint-{start:08d}.pt" in out) if start else "resuming" not in out
+        recovered += resumed and metrics == ref_metrics[: len(metrics)]
+    weights_equal = (run / "model.safetensors").read_bytes() == \
+        (ref_run / "model.safetensors").read_bytes()
+    print("kill points:", *landed, sep="\n  ")
+    assert (recovered, weights_equal) == (10, True), landed
+    assert _complete_lines(run / "metrics.jsonl") == ref_metrics  # byte for byte, 1..N
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-00000045.pt",
+                                                       "checkpoint-00000050.pt"]
+    assert not list(run.glob(".*.tmp*"))  # torn temporaries of killed processes are removed
+
+
+def test_sigint_finishes_the_step_saves_and_says_how_to_resume(cli_reference):
+    ref = cli_reference
+    run = ref.root / "interrupted"
+    cmd = ["train", *ref.args, "--out", str(run)]
+    proc = _start(cmd, ref.env)
+    _wait_for_step(run, 23, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    said = re.search(r"stopped after iteration (\d+) \((checkpoint-\d+\.pt) saved\)\. "
+                     r"Resume with the same command: reslab (.*)", err)
+    assert said, err
+    step = int(said[1])
+    assert step >= 23 and said[2] == f"checkpoint-{step:08d}.pt" and (run / said[2]).exists()
+    assert shlex.split(said[3]) == cmd
+    assert not (run / "model.safetensors").exists()
+    again = _start(cmd, ref.env)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert f"from checkpoint-{step:08d}.pt" in out
+    ref_run = ref.finish()
+    assert (run / "model.safetensors").read_bytes() == \
+        (ref_run / "model.safetensors").read_bytes()
+    assert (run / "metrics.jsonl").read_bytes() == (ref_run / "metrics.jsonl").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: deterministic mode
+
+
+def test_deterministic_runs_write_identical_metrics(tmp_path, finished, monkeypatch):
+    seen = []
+    real = reslab.train.evaluate
+    monkeypatch.setattr(reslab.train, "evaluate", lambda *a, **k: (
+        seen.append(torch.are_deterministic_algorithms_enabled()), real(*a, **k))[1])
+    args = ["train", "resnet8", "--data", str(finished.folder), "--iterations", "10",
+            "--batch-size", "16", "--eval-every", "5", "--log-every", "1", "--no-progress"]
+    for name in ("a", "b"):
+        assert main([*args, "--out", str(tmp_path / name), "--deterministic"]) == 0
+    assert seen == [True] * 4 and not torch.are_deterministic_algorithms_enabled()
+    a, b = ((tmp_path / name / "metrics.jsonl").read_bytes() for name in ("a", "b"))
+    assert a == b and len(a.splitlines()) == 10
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0  # without: wall-clock times
+    assert (tmp_path / "c" / "metrics.jsonl").read_bytes() != a and seen[-1] is False
+
+
+def test_resume_after_the_data_gained_classes_exits_2(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "imgs", make_dataset(n_train=48, n_test=9))
+    run = tmp_path / "run"
+    args = ["train", "resnet8", "--data", str(folder), "--out", str(run), "--iterations", "5",
+            "--batch-size", "16", "--no-progress"]
+    assert main(args) == 0
+    (run / "model.safetensors").unlink()  # unfinished again: it resumes from its checkpoint
+    (run / "summary.json").unlink()
+    before = {name: (run / name).read_bytes() for name in ("checkpoint-00000005.pt",
+                                                           "metrics.jsonl")}
+    write_image_folder(tmp_path / "imgs", make_dataset(n_train=10, n_test=10, classes=5))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoint-00000005.pt'} does not fit resnet8" in err
+    assert "5 classes" in err and "size mismatch for fc.weight" in err
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (run / "model.safetensors").exists()
