@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from reslab.bench import Setup, _images, time_training
+from reslab.reference import Setup, _images, time_training
 
 
 def main(argv: list[str] | None = None) -> None:
