@@ -8,8 +8,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import models
+
+if TYPE_CHECKING:
+    from .train import TrainOptions
 
 
 class UsageError(Exception):
@@ -22,8 +26,43 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-per-block", type=int, choices=(1, 2, 3), help="conv layers in F(x)")
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """How runs execute (TrainOptions, read back by _train_options); they change no result."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the model (auto: on for runs of >= 5000 iterations)")
+    p.add_argument("--compile-mode",
+                   choices=("default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode (default: torch's default)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="capture the whole step as one CUDA graph (auto: on for CUDA devices)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (ResNet-1202 in 24 GB)")
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--skip-nonfinite", type=_non_negative, default=0, metavar="K",
+                   help="skip steps with a NaN/inf loss, stop after K in a row (0: at the first)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms; two runs write identical metrics.jsonl")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train_options(args: argparse.Namespace) -> TrainOptions:
+    """The TrainOptions of _run_options' flags."""
+    from .train import TrainOptions
+
+    auto = {"auto": None, "on": True, "off": False}
+    return TrainOptions(
+        device=args.device, compile_model=auto[args.compile], compile_mode=args.compile_mode,
+        cuda_graphs=auto[args.cuda_graphs], gradient_checkpointing=args.gradient_checkpointing,
+        skip_bad_images=args.skip_bad_images, skip_nonfinite=args.skip_nonfinite,
+        deterministic=args.deterministic, progress=False if args.no_progress else None,
+    )
+
+
 def _study_options(p: argparse.ArgumentParser, depths_help: str) -> None:
-    """Options shared by `reproduce` and `study`: both train arms into a run pool."""
+    """Options shared by `reproduce` and `study`: both train arms into a run pool (an
+    experiments.Experiment), with `train`'s run options."""
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument("--depths", type=int, nargs="+", help=depths_help)
@@ -31,9 +70,10 @@ def _study_options(p: argparse.ArgumentParser, depths_help: str) -> None:
     p.add_argument("--seeds", type=int, default=1, help="runs per net (Table 6: best, mean±std)")
     p.add_argument("--runs", type=Path, help="run pool shared between studies (default OUT/runs)")
     p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="capture each step as one CUDA graph (auto: on for CUDA devices)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                   help="the arms' precision (default: the recipe's, auto); runs of another "
+                   "precision are other runs, named so in the pool")
+    _run_options(p)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -109,15 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
     )
     try:
-        summary = train(
-            spec, args.out, data=data, device=args.device,
-            compile_model={"auto": None, "on": True, "off": False}[args.compile],
-            compile_mode=args.compile_mode,
-            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-            gradient_checkpointing=args.gradient_checkpointing,
-            progress=False if args.no_progress else None,
-            skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
-        )
+        summary = train(spec, args.out, data=data, options=_train_options(args))
     except TrainingStopped as e:
         print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
               f"same command: reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
@@ -184,15 +216,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from .reproduce import reproduce as run
     else:
         from .studies import run_study as run
+    from .experiments import Experiment
     from .train import TrainingStopped
 
+    exp = Experiment(
+        data=_data_spec(args.data), out_dir=args.out, iterations=args.iterations,
+        seeds=args.seeds, runs_dir=args.runs, report_only=args.report_only,
+        options=_train_options(args), precision=args.precision,
+    )
     try:
-        report = run(
-            args.experiment, data=_data_spec(args.data), out_dir=args.out, depths=args.depths,
-            iterations=args.iterations, seeds=args.seeds, runs_dir=args.runs,
-            report_only=args.report_only, device=args.device,
-            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-        )
+        report = run(args.experiment, exp, depths=args.depths)
     except TrainingStopped as e:
         print(f"stopped after iteration {e.step} of {e.checkpoint.parent.name} "
               f"({e.checkpoint.name} saved). Resume the whole study with the same command: "
@@ -279,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with the paper's recipe")
     p.add_argument("model", help="e.g. resnet20, plain56, resnet110")
     p.add_argument("--data", required=True,
-                   help="fashion-mnist, mnist, cifar10, cifar100, or an ImageFolder folder")
+                   help="fashion-mnist, mnist, cifar10, cifar100, cifar10-jpeg, or an "
+                   "ImageFolder folder")
     p.add_argument("--out", required=True, type=Path, help="run folder (resumed if unfinished)")
     p.add_argument("--recipe", default="cifar10", help="named recipe (cifar10, quick)")
     p.add_argument("--iterations", type=int, help="scale the schedule to N iterations")
@@ -297,23 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--zero-init-residual", action="store_true")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the model (auto: on for runs of >= 5000 iterations)")
-    p.add_argument("--compile-mode",
-                   choices=("default", "reduce-overhead", "max-autotune",
-                            "max-autotune-no-cudagraphs"),
-                   help="torch.compile's mode (default: torch's default)")
-    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="capture the whole step as one CUDA graph (auto: on for CUDA devices)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward (ResNet-1202 in 24 GB)")
-    p.add_argument("--skip-bad-images", action="store_true")
-    p.add_argument("--skip-nonfinite", type=_non_negative, default=0, metavar="K",
-                   help="skip steps with a NaN/inf loss, stop after K in a row (0: at the first)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms; two runs write identical metrics.jsonl")
-    p.add_argument("--no-progress", action="store_true")
+    _run_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_train)
 

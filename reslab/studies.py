@@ -1,19 +1,19 @@
-"""Beyond the paper: the seed's two open questions as studies (PAPER.md, last section).
+"""Beyond the paper: the seed's two open questions as studies (docs/paper.md, last section).
 
 1. block-depth: residual functions of 1, 2 and 3 conv layers at a matched total depth of 56
    weighted layers (18, 9 and 6 blocks per stage), beside their plain twin (one net for every k).
 2. shortcuts: identity with zero padding (A), projection where needed (B), projection everywhere
    (C), gated (highway-like), learned scalar, fixed 0.5 scaling, and none (plain).
 
-They reuse reproduce.py's run pool, reports and plots; an arm whose configuration equals a run
-of another study (ResNet-56 with option A, plain-56) is the same run folder and trains once.
+They share experiments.py's run pool, reports and plots with `reproduce`; an arm whose
+configuration equals a run of another study or of `reproduce` (ResNet-56 with option A, plain-56)
+is the same run folder and trains once.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,20 +23,20 @@ import torch
 
 from .complexity import describe
 from .data import Dataset, load_dataset, normalize
-from .models import ResidualBlock, default_shortcut
-from .reproduce import (
+from .experiments import (
     Arm,
+    Experiment,
     by_label,
     compute_responses,
     plot_fig6,
-    read_metrics,
     run_arms,
     runs_table,
     seed_stats,
-    study_recipe,
     unfinished,
     write_outputs,
 )
+from .models import ResidualBlock, default_shortcut
+from .runfolder import read_metrics
 from .train import RunSpec, load_trained
 
 SHORTCUT_ARMS = {
@@ -62,11 +62,10 @@ def canonical(spec: RunSpec) -> RunSpec:
     )
 
 
-def study_arms(study: str, data: str, depths: Sequence[int], iterations: int,
-               seeds: int) -> list[Arm]:
-    arms = []
-    for seed in range(seeds):
-        recipe = study_recipe(iterations, seed)
+def study_arms(study: str, exp: Experiment, depths: Sequence[int]) -> list[Arm]:
+    arms, data = [], exp.data
+    for seed in range(exp.seeds):
+        recipe = exp.recipe(seed)
         for depth in depths:
             if study == "block-depth":
                 # Without shortcuts a "block" only groups conv-BN-ReLU layers: plain-56 with
@@ -188,37 +187,20 @@ def versus_reference(study: str, results: Sequence[dict[str, Any]], runs_dir: Pa
     ]
 
 
-def run_study(
-    study: str,
-    *,
-    data: str,
-    out_dir: Path,
-    depths: Sequence[int] | None = None,
-    iterations: int = 64_000,
-    seeds: int = 1,
-    runs_dir: Path | None = None,
-    report_only: bool = False,
-    device: str = "auto",
-    cuda_graphs: bool | None = None,
-) -> Path:
+def run_study(study: str, exp: Experiment, depths: Sequence[int] | None = None) -> Path:
     """Run a study and write DIR/report.md, DIR/summary.json and its plots."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; valid: {', '.join(STUDIES)}")
-    if seeds < 1 or iterations < 1:
-        raise ValueError("--seeds and --iterations must be >= 1")
     depths = tuple(depths or ((56,) if study == "block-depth" else (56, 20)))
     if study == "block-depth" and any((d - 2) % 18 for d in depths):
         raise ValueError(f"block-depth needs depths 18n+2 (e.g. 20, 56, 110) so that 1-, 2- and "
                          f"3-layer blocks reach the same depth; got {list(depths)}")
-    out_dir, runs_dir = Path(out_dir), Path(runs_dir or Path(out_dir) / "runs")
-    dataset = load_dataset(data)
-    arms = study_arms(study, data, depths, iterations, seeds)
-    results = run_arms(arms, runs_dir, data=dataset, report_only=report_only, device=device,
-                       cuda_graphs=cuda_graphs)
+    data, out_dir, runs_dir = exp.data, exp.out_dir, exp.runs
+    dataset = load_dataset(data, skip_bad_images=exp.options.skip_bad_images)
+    arms = study_arms(study, exp, depths)
+    results = run_arms(arms, exp, dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["reslab", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else (
-        f"reslab study {study} --data {data} --out {out_dir} --iterations {iterations} "
-        f"--seeds {seeds}")
+    command = exp.command("study", study)
     for r in results:
         spec = next(a.spec for a in arms if a.run_name() == r["run"])
         info = describe(spec.model, input_size=dataset.image_size[0],

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset, write_image_folder
+from reslab import experiments as ex
 from reslab import reproduce as rp
 from reslab.cli import main
-from reslab.train import TrainingStopped
+from reslab.train import TrainingStopped, TrainOptions
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def _png_ok(path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["table6", "fig6", "fig7"])
 def test_reproduce_end_to_end_and_report_only(tmp_path, folder, kind, monkeypatch):
-    monkeypatch.setattr(rp, "study_recipe", _tiny_recipe)
+    monkeypatch.setattr(ex, "study_recipe", _tiny_recipe)
     out = tmp_path / kind
     seeds = "2" if kind == "table6" else "1"
     args = ["reproduce", kind, "--data", str(folder), "--out", str(out), "--depths", "8", "14",
@@ -78,9 +80,9 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, folder, monkeypatc
     run and resumes the second from its checkpoint."""
     import signal
 
-    import reslab.train as tr
+    import reslab.step as tr  # where each step draws its crops and flips
 
-    monkeypatch.setattr(rp, "study_recipe", _tiny_recipe)
+    monkeypatch.setattr(ex, "study_recipe", _tiny_recipe)
     real_aug, calls = tr.crop_flip_draw, []
 
     def augment_then_stop(*a, **kw):
@@ -91,11 +93,11 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, folder, monkeypatc
 
     monkeypatch.setattr(tr, "crop_flip_draw", augment_then_stop)
     with pytest.raises(TrainingStopped) as stopped:
-        rp.reproduce("fig6", data=str(folder), out_dir=tmp_path, depths=(8, 14), iterations=12)
+        rp.reproduce("fig6", ex.Experiment(str(folder), tmp_path, iterations=12), depths=(8, 14))
     assert stopped.value.step == 6
     monkeypatch.setattr(tr, "crop_flip_draw", real_aug)
     capsys.readouterr()
-    rp.reproduce("fig6", data=str(folder), out_dir=tmp_path, depths=(8, 14), iterations=12)
+    rp.reproduce("fig6", ex.Experiment(str(folder), tmp_path, iterations=12), depths=(8, 14))
     out = capsys.readouterr().out
     assert out.count("is finished") == 1  # the first run is reused, not retrained
     assert "from checkpoint-00000006.pt (iteration 6/12)" in out
@@ -106,18 +108,18 @@ def test_hardware_names_every_machine_a_resumed_run_used(tmp_path):
     gpu = {"gpu": "NVIDIA H200", "cpu": "Intel(R) Xeon(R) Processor", "cpu_count": 16}
     cpu = {"gpu": None, "cpu": "AMD EPYC 9B14", "cpu_count": 2}
     (tmp_path / "env.json").write_text(json.dumps(dict(gpu, resumes=[gpu, cpu, cpu])))
-    assert rp._hardware(tmp_path) == "NVIDIA H200, then AMD EPYC 9B14, 2 cores, CPU only"
+    assert ex._hardware(tmp_path) == "NVIDIA H200, then AMD EPYC 9B14, 2 cores, CPU only"
     (tmp_path / "env.json").write_text(json.dumps(cpu))
-    assert rp._hardware(tmp_path) == "AMD EPYC 9B14, 2 cores, CPU only"
+    assert ex._hardware(tmp_path) == "AMD EPYC 9B14, 2 cores, CPU only"
     (tmp_path / "env.json").write_text("{torn")
-    assert rp._hardware(tmp_path) == "unknown"
+    assert ex._hardware(tmp_path) == "unknown"
 
 
 def test_provenance_names_the_commits_that_resumed_a_run():
     results = [{"commit": "b" * 40, "resumed_at_commits": ["c" * 40, "a" * 40],
                 "hardware": "AMD EPYC, 2 cores, CPU only", "wall_time_s": 7200.0},
                {"commit": None, "hardware": "NVIDIA H200", "wall_time_s": 1800.0}]
-    lines = rp._provenance(results, "fashion-mnist", "reslab reproduce table6")
+    lines = ex._provenance(results, "fashion-mnist", "reslab reproduce table6")
     commits = next(line for line in lines if line.startswith("- commits"))
     assert f"{'a' * 10}, {'b' * 10}, {'c' * 10}, unknown;" in commits
     assert "- wall time of the runs: 2.50 h in total" in lines
@@ -129,8 +131,43 @@ def test_paper_column_only_for_table6_nets():
         return {"label": label, "shortcut": shortcut, "depth": depth, "plain": shortcut == "none",
                 "params": 1, "iterations": 8000, "final_train_error": 0.1,
                 "final_test_error": 0.1, **extra}
-    rows = rp.runs_table([run("A", "A"), run("B", "B"), run("gated", "gated"), run("plain", "none"),
+    rows = ex.runs_table([run("A", "A"), run("B", "B"), run("gated", "gated"), run("plain", "none"),
                           run("k=3", "A", layers_per_block=3), run("110", "A", depth=110)])
     paper = {row.split(" | ")[0][2:]: row.rstrip(" |").split(" | ")[-1] for row in rows[2:]}
     assert paper == {"A": "8.75", "B": "—", "gated": "—", "plain": "—", "k=3": "—",
                      "110": "6.43 (6.61 ± 0.16)"}
+
+
+@pytest.mark.parametrize(("command", "first_run"), [
+    (["reproduce", "table6", "--depths", "8"], "resnet8-{}12it-seed0"),
+    (["study", "block-depth", "--depths", "20"], "plain20-{}12it-seed0"),
+])
+def test_run_options_reach_train(tmp_path, folder, monkeypatch, command, first_run):
+    """`reslab reproduce` and `reslab study` take `train`'s run options to train() as one
+    TrainOptions and --precision into the arms' recipes (another run, named so); without them,
+    TrainOptions() and the recipe as it was, so that existing runs are reused."""
+    class Recorded(Exception):
+        pass
+
+    seen = []
+
+    def record(spec, run_dir, *, data=None, options):
+        seen.append((spec, Path(run_dir).name, options))
+        raise Recorded
+
+    monkeypatch.setattr(ex, "train", record)
+    args = [*command, "--data", str(folder), "--out", str(tmp_path), "--iterations", "12"]
+    with pytest.raises(Recorded):
+        main([*args, "--deterministic", "--compile", "off", "--compile-mode", "max-autotune",
+              "--device", "cpu", "--cuda-graphs", "off", "--gradient-checkpointing",
+              "--skip-nonfinite", "3", "--no-progress", "--precision", "fp32"])
+    with pytest.raises(Recorded):
+        main(args)
+    (spec, name, options), (default_spec, default_name, default_options) = seen
+    assert options == TrainOptions(
+        device="cpu", compile_model=False, compile_mode="max-autotune", cuda_graphs=False,
+        gradient_checkpointing=True, skip_nonfinite=3, deterministic=True, progress=False)
+    assert spec.recipe == replace(ex.study_recipe(12, 0), precision="fp32")
+    assert name == first_run.format("fp32-")
+    assert default_options == TrainOptions()
+    assert default_spec.recipe == ex.study_recipe(12, 0) and default_name == first_run.format("")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_dataset, write_image_folder
-from reslab import reproduce as rp
+from reslab import experiments as ex
 from reslab.cli import main
 from reslab.models import ResidualBlock
 from reslab.studies import study_arms, versus_reference
@@ -31,7 +31,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def test_block_depth_arms_have_intended_layers():
-    arms = study_arms("block-depth", "x", (56,), 100, 1)
+    arms = study_arms("block-depth", ex.Experiment("x", Path("x"), iterations=100), (56,))
     assert [a.label for a in arms] == ["plain-56 (every k)", "ResNet-56 k=1", "ResNet-56 k=2",
                                        "ResNet-56 k=3"]
     from reslab import build_model
@@ -71,16 +71,14 @@ def test_plain_twin_is_one_net_for_every_block_depth():
 
 
 def test_shortcut_arms_reuse_reproduce_runs():
-    names = {a.label: a.run_name() for a in study_arms("shortcuts", "x", (56,), 100, 1)}
+    arms = study_arms("shortcuts", ex.Experiment("x", Path("x"), iterations=100), (56,))
+    names = {a.label: a.run_name() for a in arms}
     assert names["d56 A"] == "resnet56-100it-seed0" and names["d56 none"] == "plain56-100it-seed0"
     assert names["d56 gated"] == "resnet56-gated-100it-seed0"
 
 
 def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
-    monkeypatch.setattr(rp, "study_recipe", _tiny_recipe)
-    import reslab.studies as st
-
-    monkeypatch.setattr(st, "study_recipe", _tiny_recipe)
+    monkeypatch.setattr(ex, "study_recipe", _tiny_recipe)
     pool = tmp_path / "pool"
     base = ["--data", str(folder), "--iterations", "8", "--depths", "20", "--runs", str(pool)]
     assert main(["study", "shortcuts", "--out", str(tmp_path / "sc"), *base]) == 0
