@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +53,18 @@ def write_image_folder(root: Path, dataset: Dataset) -> Path:
             pil = Image.fromarray(arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1))
             pil.save(folder / f"{i:05d}.png")
     return root
+
+
+def impossible_png(path: Path) -> str:
+    """Write a 16-bit palette PNG, a mode no decoder has, at `path`; returns the path."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 12, 12, 16, 3, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 12 * 25)) + chunk(b"IEND", b""))
+    return str(path)
 
 
 @pytest.fixture

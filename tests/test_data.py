@@ -9,10 +9,8 @@ import hashlib
 import io
 import os
 import pickle
-import struct
 import tarfile
 import urllib.error
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import impossible_png
 from reslab import data
 from reslab.data import (
     DATASETS,
@@ -856,22 +855,10 @@ def test_a_folder_that_is_not_the_copy_is_refused(
     assert str(root) in str(info.value)
 
 
-def _impossible_png(path: Path) -> str:
-    """A 16-bit palette PNG: a mode no decoder has."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", 12, 12, 16, 3, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 12 * 25)) + chunk(b"IEND", b""))
-    return str(path)
-
-
 def test_skipping_cannot_leave_a_split_empty(tmp_path: Path) -> None:
     root = tmp_path / "only-bad"
     for split in ("train", "test"):
         (root / split / "x").mkdir(parents=True)
-        _impossible_png(root / split / "x" / "0.png")
+        impossible_png(root / split / "x" / "0.png")
     with pytest.raises(DataError, match="none of the 1 image files"):
         load_dataset(str(root), skip_bad_images=True)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import struct
 import subprocess
-import zlib
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +19,13 @@ from safetensors.torch import load_file
 import reslab.checkpoint
 import reslab.step
 import reslab.train
-from conftest import RELIABILITY_SPEC, RELIABILITY_TINY, make_dataset, write_image_folder
+from conftest import (
+    RELIABILITY_SPEC,
+    RELIABILITY_TINY,
+    impossible_png,
+    make_dataset,
+    write_image_folder,
+)
 from reslab.checkpoint import (
     CheckpointError,
     load_latest_checkpoint,
@@ -39,21 +43,9 @@ pytestmark = pytest.mark.usefixtures("quiet_machine")
 # tests/test_data.py)
 
 
-def _impossible_png(path: Path) -> str:
-    """A 16-bit palette PNG: a mode no decoder has."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", 12, 12, 16, 3, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 12 * 25)) + chunk(b"IEND", b""))
-    return str(path)
-
-
 def test_undecodable_images_name_the_file_or_are_a_counted_skip(tmp_path, capsys):
     folder = write_image_folder(tmp_path / "imgs", make_dataset(n_train=48, n_test=9))
-    bad = [_impossible_png(folder / "train" / "c0" / "mode.png")]
+    bad = [impossible_png(folder / "train" / "c0" / "mode.png")]
     bad.append(str(folder / "train" / "c1" / "notes.jpg"))
     Path(bad[1]).write_text("not an image")
     args = ["train", "resnet8", "--data", str(folder), "--out", str(tmp_path / "run"),
