@@ -10,11 +10,15 @@ weights usable on their own.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import torch
 
 from .checkpoint import WEIGHTS, save_weights, write_error, write_text
 
+LOCK = ".lock"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 
@@ -139,6 +144,47 @@ class RunFolder:
         """Create the folder, or refuse it if it holds a different run."""
         self.path.mkdir(parents=True, exist_ok=True)
         check_run_folder(self.path, spec_dict)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One process per run folder: an exclusive flock on .lock while the run writes. The
+        kernel drops it when the process ends, however it ends, so a killed run's lock never
+        blocks the next start; a clean exit removes the file."""
+        path = self.path / LOCK
+        while True:
+            try:
+                f = open(path, "a+")  # noqa: SIM115 (closed below, after the unlock)
+            except OSError as e:
+                if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+                # Nothing can be written here, by us or another run: no lock is needed, and the
+                # first write (if any: a finished run only reads) names the file and the fix.
+                yield
+                return
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                raise RunFolderError(
+                    f"{self.path} is in use by another reslab process (pid {holder}); wait for "
+                    "it to finish or stop it, or use another --out"
+                ) from None
+            try:  # the holder before us may have removed the file we locked: lock the new one
+                if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        try:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held: a newcomer locks a new file
+            f.close()  # closing releases the lock
 
     def finished(self) -> dict[str, Any] | None:
         """The summary of a finished run, else None."""

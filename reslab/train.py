@@ -148,111 +148,114 @@ def train(
     family = model_family(spec.model)  # validates the name before any data is read
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
     folder.check(spec_dict)
-    if (done := folder.finished()) is not None:
-        print(f"{folder.path} is finished ({recipe.iterations} iterations, final test error "
-              f"{100 * done['final_test_error']:.2f}%); nothing to do")
-        return done
-    if data is None:
-        data = load_dataset(spec.data, val_split=recipe.val_split, seed=0,
-                            skip_bad_images=o.skip_bad_images)
-    in_channels, num_classes = check_data_fits(spec, data)
-    env = folder.start(spec_dict, environment(dev))
+    with folder.lock():  # nothing is written before it is held
+        if (done := folder.finished()) is not None:
+            print(f"{folder.path} is finished ({recipe.iterations} iterations, final test error "
+                  f"{100 * done['final_test_error']:.2f}%); nothing to do")
+            return done
+        if data is None:
+            data = load_dataset(spec.data, val_split=recipe.val_split, seed=0,
+                                skip_bad_images=o.skip_bad_images)
+        in_channels, num_classes = check_data_fits(spec, data)
+        env = folder.start(spec_dict, environment(dev))
 
-    # Sec. 4.2: per-pixel mean subtraction, computed on the training split.
-    if recipe.normalization == "pixel":
-        mean, std = pixel_mean(data.train_images), None
-    else:
-        mean, std = channel_stats(data.train_images)
-    torch.manual_seed(recipe.seed)  # He init is drawn from the seed
-    model = build_model(
-        spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
-        layout=spec.layout, layers_per_block=spec.layers_per_block,
-        zero_init_residual=spec.zero_init_residual,
-        gradient_checkpointing=o.gradient_checkpointing,
-    ).to(dev).to(memory_format=MEMORY_FORMAT)
-    optimizer = make_optimizer(model, recipe, dev)
-    stream = BatchStream(len(data.train_images), recipe.batch_size, recipe.seed)
-    step, elapsed, state = 0, 0.0, None
-    if (resumed := load_latest_checkpoint(folder.path)) is not None:
-        state, path = resumed
-        _restore(model, optimizer, stream, state, path, spec, data, in_channels, num_classes)
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"resuming {folder.path} from {path.name} (iteration {step}/{recipe.iterations})")
-    folder.rewind_metrics(step if state is not None else None)
-    warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
-    window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state)
-    mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
-    compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
-                     else o.compile_model)
-    run_step = build_step(
-        model, optimizer, data.train_images.to(dev), data.train_labels.to(dev), mean, std,
-        recipe, window, compile_model=compile_model,
-        compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
-        cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,
-        gradient_checkpointing=o.gradient_checkpointing,
-    )
-    last_record = step
-    where = f"the last good checkpoint in {folder.path} is untouched (try a lower --lr)"
+        # Sec. 4.2: per-pixel mean subtraction, computed on the training split.
+        if recipe.normalization == "pixel":
+            mean, std = pixel_mean(data.train_images), None
+        else:
+            mean, std = channel_stats(data.train_images)
+        torch.manual_seed(recipe.seed)  # He init is drawn from the seed
+        model = build_model(
+            spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
+            layout=spec.layout, layers_per_block=spec.layers_per_block,
+            zero_init_residual=spec.zero_init_residual,
+            gradient_checkpointing=o.gradient_checkpointing,
+        ).to(dev).to(memory_format=MEMORY_FORMAT)
+        optimizer = make_optimizer(model, recipe, dev)
+        stream = BatchStream(len(data.train_images), recipe.batch_size, recipe.seed)
+        step, elapsed, state = 0, 0.0, None
+        if (resumed := load_latest_checkpoint(folder.path)) is not None:
+            state, path = resumed
+            _restore(model, optimizer, stream, state, path, spec, data, in_channels, num_classes)
+            step, elapsed = state["step"], state["elapsed"]
+            print(f"resuming {folder.path} from {path.name} (iteration {step}/{recipe.iterations})")
+        folder.rewind_metrics(step if state is not None else None)
+        warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
+        window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state)
+        mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
+        compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
+                         else o.compile_model)
+        run_step = build_step(
+            model, optimizer, data.train_images.to(dev), data.train_labels.to(dev), mean, std,
+            recipe, window, compile_model=compile_model,
+            compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
+            cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,
+            gradient_checkpointing=o.gradient_checkpointing,
+        )
+        last_record = step
+        where = f"the last good checkpoint in {folder.path} is untouched (try a lower --lr)"
 
-    def evaluation(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-        return evaluate(model, images, labels, mean, std, precision=recipe.precision,
-                        memory_format=MEMORY_FORMAT)
+        def evaluation(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+            return evaluate(model, images, labels, mean, std, precision=recipe.precision,
+                            memory_format=MEMORY_FORMAT)
 
-    with algorithms(dev, o.deterministic), stop_signals() as stop, _writer(folder, o, step) as tb, \
-            tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
-                 disable=not _show_progress(o), dynamic_ncols=True) as bar:
-        model.train()
-        t0 = time.perf_counter() - elapsed
-        while step < recipe.iterations:
-            lr = learning_rate(recipe, step, warming_up=window.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                note = run_step(stream.next(), step)
-            except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e}; {where}") from None
-            step += 1
-            if note:
-                bar.write(note)
-            bar.update(1)
+        bar = tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
+                   disable=not _show_progress(o), dynamic_ncols=True)
+        with algorithms(dev, o.deterministic), stop_signals() as stop, \
+                _writer(folder, o, step) as tb, bar:
+            model.train()
+            t0 = time.perf_counter() - elapsed
+            while step < recipe.iterations:
+                lr = learning_rate(recipe, step, warming_up=window.warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                try:
+                    note = run_step(stream.next(), step)
+                except NonFiniteLoss as e:
+                    raise NonFiniteLoss(f"{e}; {where}") from None
+                step += 1
+                if note:
+                    bar.write(note)
+                bar.update(1)
 
-            evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
-            saving = step % recipe.checkpoint_every == 0 or step == recipe.iterations or bool(stop)
-            logging = step % recipe.log_interval == 0 or evaluating
-            if run_step.deferred and (logging or saving) and window.nonfinite_since_check():
-                raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
-                                    f"{last_record + 1} and {step}; {where}")
-            if logging:
-                last_record = step
-                train_loss, train_error = window.take()
-                record: dict[str, Any] = {
-                    "step": step, "epoch": step * recipe.batch_size / len(data.train_images),
-                    "lr": lr, "train_loss": train_loss, "train_error": train_error,
-                }
-                if evaluating:
-                    record["test_error"], record["test_loss"] = evaluation(
-                        data.test_images, data.test_labels)
-                    if data.val_images is not None:
-                        record["val_error"], record["val_loss"] = evaluation(
-                            data.val_images, data.val_labels)
-                if not o.deterministic:  # wall-clock time would differ between two runs
-                    record["time"] = time.perf_counter() - t0
-                folder.append_metrics(record)
-                _log(tb, bar, record, recipe.iterations, evaluating)
-            if saving:
-                path = save_checkpoint(folder.path, step, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "stream": stream.state_dict(), "step": step,
-                    "elapsed": time.perf_counter() - t0, **window.state_dict(),
-                    "spec": spec_dict,
-                }, keep=o.keep_checkpoints)
-                if stop and step < recipe.iterations:
-                    raise TrainingStopped(step, path, stop[0])
+                evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
+                saving = (step % recipe.checkpoint_every == 0 or step == recipe.iterations
+                          or bool(stop))
+                logging = step % recipe.log_interval == 0 or evaluating
+                if run_step.deferred and (logging or saving) and window.nonfinite_since_check():
+                    raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
+                                        f"{last_record + 1} and {step}; {where}")
+                if logging:
+                    last_record = step
+                    train_loss, train_error = window.take()
+                    record: dict[str, Any] = {
+                        "step": step, "epoch": step * recipe.batch_size / len(data.train_images),
+                        "lr": lr, "train_loss": train_loss, "train_error": train_error,
+                    }
+                    if evaluating:
+                        record["test_error"], record["test_loss"] = evaluation(
+                            data.test_images, data.test_labels)
+                        if data.val_images is not None:
+                            record["val_error"], record["val_loss"] = evaluation(
+                                data.val_images, data.val_labels)
+                    if not o.deterministic:  # wall-clock time would differ between two runs
+                        record["time"] = time.perf_counter() - t0
+                    folder.append_metrics(record)
+                    _log(tb, bar, record, recipe.iterations, evaluating)
+                if saving:
+                    path = save_checkpoint(folder.path, step, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "stream": stream.state_dict(), "step": step,
+                        "elapsed": time.perf_counter() - t0, **window.state_dict(),
+                        "spec": spec_dict,
+                    }, keep=o.keep_checkpoints)
+                    if stop and step < recipe.iterations:
+                        raise TrainingStopped(step, path, stop[0])
 
-    summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
-    folder.finish(model.state_dict(), weights_metadata(spec_dict, in_channels, num_classes,
-                                                       mean, std), summary)
-    return summary
+        summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
+        folder.finish(model.state_dict(), weights_metadata(spec_dict, in_channels, num_classes,
+                                                           mean, std), summary)
+        return summary
 
 
 def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream,

@@ -23,10 +23,9 @@ import reslab.checkpoint
 import reslab.step
 import reslab.train
 from conftest import RELIABILITY_SPEC, RELIABILITY_TINY, make_dataset, write_image_folder
-from reslab.checkpoint import (
-    list_checkpoints,
-)
+from reslab.checkpoint import list_checkpoints
 from reslab.cli import main
+from reslab.train import RunFolderError, TrainOptions, train
 
 TINY, SPEC = RELIABILITY_TINY, RELIABILITY_SPEC
 pytestmark = pytest.mark.usefixtures("quiet_machine")
@@ -244,3 +243,51 @@ def test_resume_after_the_data_gained_classes_exits_2(tmp_path, capsys):
     assert "5 classes" in err and "size mismatch for fc.weight" in err
     assert {name: (run / name).read_bytes() for name in before} == before
     assert not (run / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per folder at a time (issue 23, item 3)
+
+
+def test_two_processes_on_one_folder_one_is_refused(tmp_path):
+    """Started together on one run folder: one trains, the other exits 2 naming the folder and
+    the holder's pid; the run is whole, each step logged once; no lock is left behind."""
+    folder = write_image_folder(tmp_path / "imgs", make_dataset(n_train=64, n_test=40))
+    env = dict(os.environ, OMP_NUM_THREADS="1", RESLAB_DATA=str(tmp_path / "reslab-data"))
+    run = tmp_path / "run"
+    args = ["train", "resnet8", "--data", str(folder), "--out", str(run), "--iterations", "400",
+            "--batch-size", "16", "--eval-every", "100", "--log-every", "10", "--no-progress"]
+    procs = [_start(args, env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    refused = next(err for p, (_, err) in zip(procs, outs, strict=True) if p.returncode == 2)
+    winner = next(p for p in procs if p.returncode == 0)
+    assert f"{run} is in use by another reslab process (pid {winner.pid})" in refused
+    assert len(refused.strip().splitlines()) == 1, refused
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert not (run / ".lock").exists()
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path, finished):
+    """A .lock file whose process is gone (SIGKILL leaves the file, the kernel drops the lock)
+    is taken over; a lock held right now refuses the start with exit 2."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("999999\n")  # a dead holder's file
+    train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
+    assert (run / "model.safetensors").read_bytes() == finished.weights
+    assert not (run / ".lock").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    with open(other / ".lock", "w") as f:  # held by "another process" (another open file)
+        f.write("4242\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(RunFolderError, match=r"in use by another reslab process \(pid "
+                           r"4242\)"):
+            train(SPEC, other, data=make_dataset(), options=TrainOptions(tensorboard=False))
+    assert sorted(p.name for p in other.iterdir()) == [".lock"]  # nothing else written
