@@ -292,11 +292,30 @@ def _human(n: int) -> str:
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _version() -> str:
+    """"reslab 0.1.0 (torch 2.14.1, torchvision 0.29.1)": the versions a bug report needs. Read
+    from the installed packages' metadata, so importing torch is not needed to print them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"reslab {__version__} (torch {installed('torch')}, torchvision " \
+           f"{installed('torchvision')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reslab",
         description="Deep Residual Learning for Image Recognition (He et al. 2016), exactly.",
     )
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="reslab's, torch's and torchvision's versions")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="parameters, multiply-adds and stage sizes of a model")

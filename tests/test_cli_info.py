@@ -24,3 +24,15 @@ def test_info_bad_model_exits_2(capsys):
     assert "6n+2" in capsys.readouterr().err
     assert main(["info", "resnet"]) == 2
     assert "valid names" in capsys.readouterr().err
+
+
+def test_version_names_reslab_torch_and_torchvision(capsys):
+    from importlib.metadata import version
+
+    import reslab
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert reslab.__version__ == version("reslab")  # the code's and the package's agree
+    assert out == (f"reslab {reslab.__version__} (torch {version('torch')}, torchvision "
+                   f"{version('torchvision')})")
