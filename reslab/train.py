@@ -340,7 +340,9 @@ def _detail(error: Exception) -> str:
     return next((line for line in lines if "mismatch" in line), lines[0])
 
 
-def load_trained(path: Path, device: str = "cpu"):
+def load_trained(
+    path: Path, device: str = "cpu"
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None, RunSpec]:
     """(model, mean, std, spec) from a run folder or a model.safetensors written by train()."""
     from .checkpoint import load_weights
 

@@ -36,3 +36,10 @@ def test_version_names_reslab_torch_and_torchvision(capsys):
     assert reslab.__version__ == version("reslab")  # the code's and the package's agree
     assert out == (f"reslab {reslab.__version__} (torch {version('torch')}, torchvision "
                    f"{version('torchvision')})")
+
+
+def test_load_trained_is_public_api():
+    import reslab
+    import reslab.train
+
+    assert "load_trained" in reslab.__all__ and reslab.load_trained is reslab.train.load_trained
