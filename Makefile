@@ -18,19 +18,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP) data
 
 # CIFAR-10 as JPEG files (`--data cifar10-jpeg`): extracted once into the ignored data/ folder,
-# where reslab looks for it, when the archive is here (it cannot be downloaded).
+# where reslab looks for it, when the archive is here (it cannot be downloaded). reslab checks the
+# archive's SHA-256 and extracts it (reslab/data/cifar10_jpeg.py).
 CIFAR10_JPEG ?= ../shared/data/cifar10-jpeg.tar.gz
-CIFAR10_JPEG_SHA256 := 58c58e3af3ec7ed2054f439f35ad3c83dc1ab019f4af6037f60612ea098c8fa1
 
 # Debian's package dataset-fashion-mnist holds the original IDX files; elsewhere reslab downloads them.
-data:
-	@if [ -f data/cifar10-jpeg/.extracted ]; then :; \
+data: $(STAMP)
+	@if [ -d data/cifar10-jpeg/train ] && [ -d data/cifar10-jpeg/test ]; then :; \
 	elif [ -f "$(CIFAR10_JPEG)" ]; then \
-		echo "$(CIFAR10_JPEG_SHA256)  $(CIFAR10_JPEG)" | sha256sum -c --quiet && \
-		rm -rf data/.cifar10-jpeg.part && mkdir -p data/.cifar10-jpeg.part && \
-		tar xzf "$(CIFAR10_JPEG)" -C data/.cifar10-jpeg.part --no-same-owner train test && \
-		touch data/.cifar10-jpeg.part/.extracted && rm -rf data/cifar10-jpeg && \
-		mv data/.cifar10-jpeg.part data/cifar10-jpeg && echo "extracted $(CIFAR10_JPEG) to data/cifar10-jpeg"; \
+		$(BIN)/python -c 'import sys; from reslab.data.cifar10_jpeg import extract_copy; extract_copy(*sys.argv[1:])' \
+			"$(CIFAR10_JPEG)" data/cifar10-jpeg && echo "extracted $(CIFAR10_JPEG) to data/cifar10-jpeg"; \
 	else \
 		echo "note: no $(CIFAR10_JPEG); --data cifar10-jpeg needs it (make data CIFAR10_JPEG=PATH)"; \
 	fi

@@ -30,14 +30,22 @@ def cifar10_jpeg_folder() -> Path | None:
     return None
 
 
+def extract_copy(archive: str | Path, dest: str | Path) -> None:
+    """Check the archive's SHA-256, then extract its train/ and test/ into `dest` (what
+    `make data` runs, and the loader for an archive in $RESLAB_DATA/cifar10-jpeg)."""
+    archive, dest = Path(archive), Path(dest)
+    if (digest := _sha256(archive)) != CIFAR10_JPEG_SHA256:
+        raise DataError(f"{archive} has SHA-256 {digest}, not the copy's "
+                        f"{CIFAR10_JPEG_SHA256}; replace it with the right archive")
+    dest.mkdir(parents=True, exist_ok=True)
+    _safe_extract(archive, dest, ("train", "test"))
+
+
 def _load_cifar10_jpeg(skip_bad_images: bool) -> Dataset:
     root = _data_root() / "cifar10-jpeg"
     archive = root / CIFAR10_JPEG_ARCHIVE
     if cifar10_jpeg_folder() is None and archive.is_file():
-        if (digest := _sha256(archive)) != CIFAR10_JPEG_SHA256:
-            raise DataError(f"{archive} has SHA-256 {digest}, not the copy's "
-                            f"{CIFAR10_JPEG_SHA256}; replace it with the right archive")
-        _safe_extract(archive, root, ("train", "test"))
+        extract_copy(archive, root)
     folder = cifar10_jpeg_folder()
     if folder is None:
         raise DataError(
