@@ -1,7 +1,26 @@
-"""reslab: Deep Residual Learning for Image Recognition (He et al., CVPR 2016), exactly."""
+"""reslab: Deep Residual Learning for Image Recognition (He et al., CVPR 2016), exactly.
 
-from .models import build_model, list_models
-from .train import load_trained
+The public API is imported on first use, so `import reslab.cli` (the `reslab` command) costs
+nothing until a command needs torch: `reslab --version` is instant, and Ctrl-C while torch loads
+is handled by the command, not a traceback."""
 
-__all__ = ["build_model", "list_models", "load_trained"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .models import build_model, list_models
+    from .train import Trained, load_trained
+
+__all__ = ["Trained", "build_model", "list_models", "load_trained"]
 __version__ = "0.1.0"
+_HOMES = {"build_model": "models", "list_models": "models", "Trained": "train",
+          "load_trained": "train"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'reslab' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{_HOMES[name]}", __name__), name)

@@ -5,12 +5,17 @@ a kill at any moment leaves either the old file or the new one, never half of on
 `keep` checkpoints are kept; if the newest cannot be read, resume falls back to the one before.
 A write that fails (a full disk, a read-only folder) removes its temporary file and raises a
 CheckpointError naming the file and the reason; the previous checkpoint is untouched.
+
+Checkpoints and weights carry the SHA-256 of their contents (`content_digest`), checked on
+loading: torch.load does not check its zip records' CRCs, so a flipped bit in a tensor would
+otherwise load as a silently different model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -26,6 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 WEIGHTS = "model.safetensors"
+DIGEST = "sha256"  # the key of the contents' digest, in a checkpoint and in the weights' metadata
 
 
 class CheckpointError(ValueError):
@@ -102,13 +108,41 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
 
 
+def content_digest(obj: Any) -> str:
+    """SHA-256 of nested dicts, lists and tensors (dtype, shape and bytes), in a fixed order:
+    equal for a state and the same state loaded back, different for any changed bit."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, list | tuple):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_checkpoint(
     run_dir: Path, step: int, state: dict[str, Any], keep: int = 2
 ) -> Path:
-    """Write the checkpoint of iteration `step` atomically; keep the newest `keep` (>= 2)."""
+    """Write the checkpoint of iteration `step` atomically, with its digest; keep the newest
+    `keep` (>= 2)."""
     path = checkpoint_path(run_dir, step)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, DIGEST: content_digest(state)}, buffer)
     _atomic_write(path, buffer.getbuffer())
     for old in list_checkpoints(run_dir)[: -max(keep, 2)]:
         old.unlink(missing_ok=True)
@@ -117,15 +151,22 @@ def save_checkpoint(
 
 
 def safe_load(path: Path) -> dict[str, Any]:
-    """torch.load(weights_only=True), no fallback: a pickle that would run code is refused."""
+    """torch.load(weights_only=True), no fallback: a pickle that would run code is refused; a
+    checkpoint whose contents do not match its digest is damaged."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"cannot load checkpoint {path}: {first} (reslab loads only tensors and plain data; "
             "it never runs code from a checkpoint)"
         ) from e
+    if isinstance(state, dict) and DIGEST in state:  # checkpoints before the digest have none
+        recorded = state.pop(DIGEST)
+        if content_digest(state) != recorded:
+            raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match the "
+                                  "SHA-256 it was saved with")
+    return state
 
 
 def load_latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
@@ -154,14 +195,18 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Final weights as safetensors; `metadata` (model, options, normalisation) as JSON."""
+    """Final weights as safetensors; `metadata` (model, options, normalisation, class names) as
+    JSON, with the tensors' digest beside it."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    meta = {"reslab": json.dumps(metadata)}
+    # One metadata key: safetensors writes several in a random order, and equal runs must write
+    # equal bytes.
+    meta = {"reslab": json.dumps({**metadata, DIGEST: content_digest(tensors)})}
     _atomic_write(Path(path), safetensors_bytes(tensors, metadata=meta))
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and reslab metadata from a safetensors file written by save_weights."""
+    """Weights and reslab metadata from a safetensors file written by save_weights, checked
+    against the digest it was written with (files written before the digest have none)."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
@@ -169,6 +214,11 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read weights {path}: {e}") from e
     try:
-        return tensors, json.loads(meta["reslab"]) if "reslab" in meta else {}
+        reslab = json.loads(meta["reslab"]) if "reslab" in meta else {}
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} has malformed reslab metadata (not JSON: {e})") from e
+    if isinstance(reslab, dict) and DIGEST in reslab and \
+            content_digest(tensors) != reslab.pop(DIGEST):
+        raise CheckpointError(f"weights {path} are damaged: the tensors do not match the SHA-256 "
+                              "they were saved with; restore the file or retrain")
+    return tensors, reslab

@@ -1,50 +1,104 @@
-"""The `reslab` command: parse, then call the library. Exit codes: 0 success, 2 usage or input
-errors (the message names the bad value and the fix), 1 anything unexpected."""
+"""The `reslab` command: parse, then call the library.
+
+Exit codes: 0 success; 2 an error the user can fix (a bad option or value, unusable data, a run
+folder that cannot be used, a device this machine lacks, a full disk, output closed early),
+reported in one line that names the value and the fix, with nothing written; 128+signal a run
+stopped by SIGTERM/SIGINT (its checkpoint saved; Ctrl-C before training started writes nothing);
+1 a bug in reslab, with its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from . import models
+from .recipes import Recipe
 
 if TYPE_CHECKING:
     from .train import TrainOptions
+
+_PAPER = Recipe()  # the defaults the help text quotes: the cifar10 recipe's
 
 
 class UsageError(Exception):
     """A bad value from the command line or the user's files: exit 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line (its usage block is for --help), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], float | int]:
+    """An argparse type: a finite int or float >= low (> low if strict)."""
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+        if value < low or (strict and value == low):
+            bound = f"{'>' if strict else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {text})")
+        return value
+    return parse
+
+
+_positive_int, _count = _number(int, 1), _number(int, 0)
+_positive, _non_negative_float = _number(float, 0, strict=True), _number(float, 0)
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shortcut", choices=models.SHORTCUTS, help="shortcut option or mapping")
-    p.add_argument("--layout", choices=models.LAYOUTS, help="bottleneck stride placement")
-    p.add_argument("--layers-per-block", type=int, choices=(1, 2, 3), help="conv layers in F(x)")
+    from . import models
+
+    p.add_argument("--shortcut", choices=models.SHORTCUTS,
+                   help="shortcut option or mapping (default: A for CIFAR nets, B for ImageNet "
+                   "nets, none for plain nets)")
+    p.add_argument("--layout", choices=models.LAYOUTS,
+                   help="bottleneck stride placement (default: v1, the paper's)")
+    p.add_argument("--layers-per-block", type=int, choices=(1, 2, 3),
+                   help="conv layers in F(x) (default: 2, or 3 for bottleneck nets)")
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     """How runs execute (TrainOptions, read back by _train_options); they change no result."""
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the model (auto: on for runs of >= 5000 iterations)")
+                   help="torch.compile the model (default: auto, on for runs of >= 5000 "
+                   "iterations)")
     p.add_argument("--compile-mode",
                    choices=("default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"),
                    help="torch.compile's mode (default: torch's default)")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="capture the whole step as one CUDA graph (auto: on for CUDA devices)")
+                   help="capture the whole step as one CUDA graph (default: auto, on for CUDA "
+                   "devices)")
     p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward (ResNet-1202 in 24 GB)")
-    p.add_argument("--skip-bad-images", action="store_true")
-    p.add_argument("--skip-nonfinite", type=_non_negative, default=0, metavar="K",
-                   help="skip steps with a NaN/inf loss, stop after K in a row (0: at the first)")
+                   help="recompute activations in backward, for ResNet-1202 in 24 GB "
+                   "(default: off)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be decoded, counted and named (default: "
+                   "off, a bad image is an error naming it)")
+    p.add_argument("--skip-nonfinite", type=_count, default=0, metavar="K",
+                   help="skip steps with a NaN/inf loss, stop after K in a row (default: 0, stop "
+                   "at the first)")
     p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms; two runs write identical metrics.jsonl")
-    p.add_argument("--no-progress", action="store_true")
+                   help="deterministic algorithms; two runs write identical metrics.jsonl "
+                   "(default: off)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar when stderr is a terminal)")
 
 
 def _train_options(args: argparse.Namespace) -> TrainOptions:
@@ -63,20 +117,29 @@ def _train_options(args: argparse.Namespace) -> TrainOptions:
 def _study_options(p: argparse.ArgumentParser, depths_help: str) -> None:
     """Options shared by `reproduce` and `study`: both train arms into a run pool (an
     experiments.Experiment), with `train`'s run options."""
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, type=Path, help="report folder")
-    p.add_argument("--depths", type=int, nargs="+", help=depths_help)
-    p.add_argument("--iterations", type=int, default=64_000, help="the paper's: 64000")
-    p.add_argument("--seeds", type=int, default=1, help="runs per net (Table 6: best, mean±std)")
-    p.add_argument("--runs", type=Path, help="run pool shared between studies (default OUT/runs)")
-    p.add_argument("--report-only", action="store_true", help="rewrite reports, train nothing")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
+    p.add_argument("--out", required=True, type=Path, help="report folder (required)")
+    p.add_argument("--depths", type=_positive_int, nargs="+", help=depths_help)
+    p.add_argument("--iterations", type=_positive_int, default=_PAPER.iterations,
+                   help=f"each run's schedule, milestones scaled (default: the paper's, "
+                   f"{_PAPER.iterations})")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="runs per net; Table 6 reports best and mean±std (default: 1)")
+    p.add_argument("--runs", type=Path, help="run pool shared between studies (default: OUT/runs)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the reports from finished runs, train nothing (default: off)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                    help="the arms' precision (default: the recipe's, auto); runs of another "
                    "precision are other runs, named so in the pool")
     _run_options(p)
 
 
+_DATA_HELP = ("fashion-mnist, mnist, cifar10, cifar100, cifar10-jpeg, or an ImageFolder folder "
+              "(train/ and test/ or val/, one folder per class) (required)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from . import models
     from .complexity import describe
 
     names = models.list_models() if args.all else [args.model]
@@ -119,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .data import load_dataset
     from .recipes import get_recipe
-    from .train import NonFiniteLoss, RunSpec, TrainingStopped, train
+    from .train import NonFiniteLoss, RunSpec, TrainingStopped, check_start, train
 
     recipe = get_recipe(args.recipe)
     overrides = {
@@ -133,41 +196,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = replace(recipe, **overrides)
     if args.iterations is not None and args.epochs is not None:
         raise UsageError("give --iterations or --epochs, not both")
+    if args.epochs is not None and args.milestones is not None:
+        raise UsageError("--milestones are iterations: give --iterations with them, not --epochs")
     if args.iterations is not None:
         recipe = recipe.with_iterations(args.iterations)
-    data = load_dataset(args.data, val_split=recipe.val_split, seed=0,
-                        skip_bad_images=args.skip_bad_images)
-    if data.skipped_files:
-        print(f"skipped {len(data.skipped_files)} bad images (--skip-bad-images): "
-              + ", ".join(data.skipped_files[:5]) + (" ..." if len(data.skipped_files) > 5 else ""))
-    if args.epochs is not None:
-        recipe = recipe.with_epochs(args.epochs, len(data.train_images))
+    if args.milestones is not None:
+        recipe = replace(recipe, milestones=tuple(args.milestones))
     spec = RunSpec(
         model=args.model, data=_data_spec(args.data), recipe=recipe, shortcut=args.shortcut,
         layout=args.layout, layers_per_block=args.layers_per_block,
         zero_init_residual=args.zero_init_residual, in_channels=args.in_channels,
         num_classes=args.num_classes,
     )
+    options = _train_options(args)
+    # Device, model and run folder first: a mistake there is reported before the data is read.
+    check_start(spec, args.out, options, compare=args.epochs is None)
+    data = load_dataset(args.data, val_split=recipe.val_split, seed=0,
+                        skip_bad_images=args.skip_bad_images)
+    _report_left_out(data)
+    if args.epochs is not None:
+        spec = replace(spec, recipe=recipe.with_epochs(args.epochs, len(data.train_images)))
     try:
-        summary = train(spec, args.out, data=data, options=_train_options(args))
+        summary = train(spec, args.out, data=data, options=options)
     except TrainingStopped as e:
         print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
               f"same command: reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
         return 128 + e.signum
     except NonFiniteLoss as e:
         print(f"reslab train: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"final test error {100 * summary['final_test_error']:.2f}% "
           f"(train error {100 * summary['final_train_error']:.2f}%) after "
           f"{summary['iterations']} iterations; run folder {args.out}")
     return 0
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
-    return value
+def _report_left_out(data) -> None:  # noqa: ANN001 (a data.Dataset; data imports torch)
+    """Say which files a data set left out: bad images skipped, files that are not images."""
+    for files, what in ((data.skipped_files, "skipped {} bad image(s) (--skip-bad-images)"),
+                        (data.ignored_files, "ignored {} file(s) that are not images")):
+        if files:
+            print(what.format(len(files)) + ": " + ", ".join(files[:5])
+                  + (" ..." if len(files) > 5 else ""), file=sys.stderr)
 
 
 def _data_spec(data: str) -> str:
@@ -184,15 +254,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .train import load_trained
 
-    model, mean, std, spec = load_trained(args.run, device=args.device)
+    model, mean, std, spec, names = load_trained(args.run, device=args.device)
     data = load_dataset(args.data, skip_bad_images=args.skip_bad_images)
+    _report_left_out(data)
     if data.in_channels != model.conv1.in_channels:
         raise UsageError(f"{args.data} has {data.in_channels}-channel images but the model takes "
                          f"{model.conv1.in_channels}")
-    classes = model.fc.out_features  # the training data's, unless --num-classes was given
-    if data.num_classes > classes or (spec.num_classes is None and data.num_classes != classes):
+    outputs = model.fc.out_features  # the training data's classes, unless --num-classes was given
+    if data.num_classes > outputs or (spec.num_classes is None and data.num_classes != outputs):
         raise UsageError(f"{args.data} has {data.num_classes} classes but {args.run} was trained "
-                         f"on {classes}; evaluate it on data with the same classes")
+                         f"on {outputs}; evaluate it on data with the same classes")
+    # Equal counts are not enough: label i must mean what it meant in training.
+    if names is not None and (bad := next((i for i, name in enumerate(data.classes)
+                                           if i >= len(names) or names[i] != name), None)
+                              ) is not None:
+        there = repr(names[bad]) if bad < len(names) else "no class"
+        raise UsageError(f"{args.data}'s class {bad} is {data.classes[bad]!r} but {args.run} was "
+                         f"trained with {there} as class {bad}; its error there would be "
+                         "meaningless: evaluate on data with the training classes, in order")
     if mean.ndim == 3 and tuple(mean.shape[1:]) != data.image_size:
         raise UsageError(f"{args.data} has {data.image_size[0]}x{data.image_size[1]} images but "
                          f"{args.run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
@@ -310,7 +389,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import models
+
+    parser = _Parser(
         prog="reslab",
         description="Deep Residual Learning for Image Recognition (He et al. 2016), exactly.",
     )
@@ -319,88 +400,155 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="parameters, multiply-adds and stage sizes of a model")
-    p.add_argument("model", nargs="?", help="e.g. resnet20, plain56, resnet50")
-    p.add_argument("--all", action="store_true", help="every model of the paper, as a table")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--input-size", type=int, help="input side in pixels (32 CIFAR, 224 ImageNet)")
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("model", nargs="?",
+                   help=f"one of {', '.join(models.list_models())} (or --all)")
+    p.add_argument("--all", action="store_true",
+                   help="every model of the paper, as a table (default: off)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
+    p.add_argument("--input-size", type=_positive_int,
+                   help="input side in pixels (default: 32 for CIFAR nets, 224 for ImageNet nets)")
+    p.add_argument("--in-channels", type=_positive_int, default=3,
+                   help="input channels (default: 3)")
+    p.add_argument("--num-classes", type=_positive_int,
+                   help="classifier outputs (default: 10 for CIFAR nets, 1000 for ImageNet nets)")
     _model_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a model with the paper's recipe")
-    p.add_argument("model", help="e.g. resnet20, plain56, resnet110")
-    p.add_argument("--data", required=True,
-                   help="fashion-mnist, mnist, cifar10, cifar100, cifar10-jpeg, or an "
-                   "ImageFolder folder")
-    p.add_argument("--out", required=True, type=Path, help="run folder (resumed if unfinished)")
-    p.add_argument("--recipe", default="cifar10", help="named recipe (cifar10, quick)")
-    p.add_argument("--iterations", type=int, help="scale the schedule to N iterations")
-    p.add_argument("--epochs", type=float, help="the same in epochs of the training set")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--eval-every", type=int, help="evaluate every K iterations")
-    p.add_argument("--log-every", type=int, help="log training error every K (0: 1%% of run)")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every K iterations")
-    p.add_argument("--val-split", type=int, help="hold out N training images for validation")
-    p.add_argument("--normalization", choices=("pixel", "channel"))
-    p.add_argument("--in-channels", type=int)
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--zero-init-residual", action="store_true")
+    p.add_argument("model", help="e.g. resnet20, plain56, resnet110 (reslab info --all lists all)")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
+    p.add_argument("--out", required=True, type=Path,
+                   help="run folder: created, or resumed if it holds this run unfinished "
+                   "(required)")
+    p.add_argument("--recipe", default="cifar10",
+                   help="named recipe: cifar10 (Sec. 4.2) or quick (default: cifar10)")
+    p.add_argument("--iterations", type=_positive_int,
+                   help=f"scale the schedule to N iterations, milestones with it (default: the "
+                   f"recipe's; cifar10: {_PAPER.iterations})")
+    p.add_argument("--epochs", type=_positive,
+                   help="the same in epochs of the training set (default: the recipe's iterations)")
+    p.add_argument("--milestones", type=_positive_int, nargs="*", metavar="N",
+                   help="iterations at which lr is divided by 10, after --iterations' scaling; to "
+                   "extend a finished run, keep its milestones (default: the recipe's, scaled; "
+                   f"cifar10: {' '.join(map(str, _PAPER.milestones))})")
+    p.add_argument("--lr", type=_positive,
+                   help=f"learning rate (default: the recipe's; cifar10: {_PAPER.lr:g})")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help=f"mini-batch size (default: the recipe's; cifar10: {_PAPER.batch_size})")
+    p.add_argument("--weight-decay", type=_non_negative_float,
+                   help=f"weight decay (default: the recipe's; cifar10: {_PAPER.weight_decay:g})")
+    p.add_argument("--seed", type=_count,
+                   help=f"initialisation and data order (default: the recipe's; {_PAPER.seed})")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                   help="auto is bf16 where the hardware runs it natively (default: auto)")
+    p.add_argument("--eval-every", type=_positive_int,
+                   help="evaluate every K iterations; may change on resume (default: the "
+                   f"recipe's; cifar10: {_PAPER.eval_every})")
+    p.add_argument("--log-every", type=_count,
+                   help="log training error every K iterations; may change on resume (default: "
+                   "0, 1%% of the run)")
+    p.add_argument("--checkpoint-every", type=_positive_int,
+                   help="checkpoint every K iterations; may change on resume (default: the "
+                   f"recipe's; cifar10: {_PAPER.checkpoint_every})")
+    p.add_argument("--val-split", type=_count,
+                   help="hold out N training images for validation (default: 0)")
+    p.add_argument("--normalization", choices=("pixel", "channel"),
+                   help="per-pixel mean (the paper's) or per-channel mean/std (default: pixel)")
+    p.add_argument("--in-channels", type=_positive_int,
+                   help="input channels (default: the data's)")
+    p.add_argument("--num-classes", type=_positive_int,
+                   help="classifier outputs (default: the data's classes)")
+    p.add_argument("--zero-init-residual", action="store_true",
+                   help="zero each block's last BN scale (not the paper's; default: off)")
     _run_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test error of a trained run")
-    p.add_argument("run", type=Path, help="run folder or model.safetensors")
-    p.add_argument("--data", required=True)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("run", type=Path, help="finished run folder or its model.safetensors")
+    p.add_argument("--data", required=True, help=_DATA_HELP)
+    p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be decoded (default: off)")
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="evaluate in this precision (default: the run's training precision)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("reproduce", help="the paper's Table 6, Figure 6 or Figure 7")
-    p.add_argument("experiment", choices=("table6", "fig6", "fig7"))
-    _study_options(p, depths_help="CIFAR depths 6n+2 (e.g. 20 56)")
+    p.add_argument("experiment", choices=("table6", "fig6", "fig7"),
+                   help="table6, fig6 or fig7")
+    _study_options(p, depths_help="CIFAR depths 6n+2 (default: the paper's for the experiment)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("study", help="beyond the paper: block depth, shortcut mappings")
     p.add_argument("experiment", choices=("block-depth", "shortcuts"), metavar="STUDY",
                    help="block-depth or shortcuts")
-    _study_options(p, depths_help="total depths (default 56; shortcuts: 56 20)")
+    _study_options(p, depths_help="total depths (default: 56; shortcuts: 56 20)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("bench", help="training or inference speed vs a plain reference")
-    p.add_argument("mode", choices=("train", "infer"))
-    p.add_argument("model")
-    p.add_argument("--batch-size", type=int, help="default 128 (train), 1 (infer)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per setup (train)")
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    p.add_argument("--no-ablation", action="store_true")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (train only)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("mode", choices=("train", "infer"), help="train or infer")
+    p.add_argument("model", help="e.g. resnet20, resnet50")
+    p.add_argument("--batch-size", type=_positive_int, help="(default: 128 train, 1 infer)")
+    p.add_argument("--steps", type=_positive_int, default=20,
+                   help="timed steps per setup, train only (default: 20)")
+    p.add_argument("--input-size", type=_positive_int,
+                   help="input side in pixels (default: 32 for CIFAR nets, 224 for ImageNet nets)")
+    p.add_argument("--in-channels", type=_positive_int, default=3,
+                   help="input channels (default: 3)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave torch.compile out (default: compiled)")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the one-change-at-a-time ablation (default: run it)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, train only (default: cpu)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    """The command line's entry point; every error a user can cause ends here as one line."""
+    command = "reslab"
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: 2 for usage errors, 0 for --help
-        return int(e.code or 0)
-    try:
-        return args.func(args)
+        command = f"reslab {args.command}"
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except SystemExit as e:  # argparse: 2 for usage errors (one line, _Parser), 0 for --help
+        return e.code if isinstance(e.code, int) else 2
     except (UsageError, ValueError) as e:
-        print(f"reslab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(command, str(e))
+    except BrokenPipeError:
+        # Python's advice: point stdout at devnull, so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _fail(command, "the output was closed before it was all written (e.g. by head); "
+                     "a run folder resumes with the same command")
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(command, f"{where}{e.strerror or e}; check the path, its permissions and "
+                     "free space")
+    except MemoryError:
+        return _fail(command, "out of memory; use a smaller --batch-size or a smaller model")
+    except KeyboardInterrupt:
+        return _fail(command, "interrupted (Ctrl-C) before training started or between runs; "
+                     "nothing half-written is left: rerun the same command",
+                     128 + signal.SIGINT)
+    except RuntimeError as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's; torch may not be imported
+            return _fail(command, f"out of device memory ({str(e).splitlines()[0]}); use a "
+                         "smaller --batch-size or --gradient-checkpointing")
+        raise
+
+
+def _fail(command: str, message: str, code: int = 2) -> int:
+    """The error in one line on stderr."""
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"{command}: error: {one_line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -266,7 +266,7 @@ def compute_responses(
     """Per-layer response std of each arm's first seed, on the test set (Fig. 7)."""
     out = {}
     for label, rs in by_label(results).items():
-        model, mean, std, _ = load_trained(Path(runs_dir) / rs[0]["run"])
+        model, mean, std, *_ = load_trained(Path(runs_dir) / rs[0]["run"])
         out[label] = layer_responses(model, data.test_images, mean, std)
     return out
 

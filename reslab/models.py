@@ -335,7 +335,7 @@ def build_model(
     if shortcut not in SHORTCUTS:
         raise ValueError(f"unknown shortcut {shortcut!r}; valid: {', '.join(SHORTCUTS)}")
     if plain and shortcut != "none":
-        raise ValueError(f"{name} is a plain net (no shortcuts); use shortcut='none' or omit it")
+        raise ValueError(f"{name} is a plain net (no shortcuts); use --shortcut none or omit it")
     if layout is None:
         layout = "v1"
     if layout not in LAYOUTS:
@@ -358,7 +358,7 @@ def build_model(
         k = 2 if layers_per_block is None else layers_per_block
         if k not in (1, 2, 3):
             raise ValueError(
-                f"layers_per_block must be 1, 2 or 3 for CIFAR basic blocks, got {k!r}"
+                f"--layers-per-block must be 1, 2 or 3 for CIFAR basic blocks, got {k!r}"
             )
         if (depth - 2) % (3 * k) != 0 or depth <= 2:
             if k == 2:
@@ -368,7 +368,7 @@ def build_model(
                 )
             raise ValueError(
                 f"depth {depth} of {name!r} does not fit {k}-layer blocks: with "
-                f"layers_per_block={k} the depth must be {3 * k}n+2 (three stages of n blocks)"
+                f"--layers-per-block {k} the depth must be {3 * k}n+2 (three stages of n blocks)"
             )
         n = (depth - 2) // (3 * k)
         return ResNet(
@@ -383,7 +383,7 @@ def build_model(
     k = needed if layers_per_block is None else layers_per_block
     if k != needed:
         raise ValueError(
-            f"layers_per_block={layers_per_block!r} does not fit {name}: its {block_kind} blocks "
+            f"--layers-per-block {layers_per_block!r} does not fit {name}: its {block_kind} blocks "
             f"have exactly {needed} conv layers (Table 1); use a CIFAR net to vary it"
         )
     return ResNet(

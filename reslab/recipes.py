@@ -39,6 +39,11 @@ class Recipe:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("lr", "momentum", "weight_decay", "lr_decay", "warmup_lr",
+                     "warmup_until_error"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name.replace('_', '-')} must be a finite number (got "
+                                f"{getattr(self, name)})")
         if not self.lr > 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if self.batch_size < 1:
@@ -49,8 +54,10 @@ class Recipe:
             problems.append(f"weight decay must be >= 0 (got {self.weight_decay})")
         if not 0 <= self.momentum < 1:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum})")
-        if list(self.milestones) != sorted(self.milestones):
-            problems.append(f"milestones must increase (got {self.milestones})")
+        if list(self.milestones) != sorted(self.milestones) or any(
+                m < 1 for m in self.milestones):
+            problems.append(f"milestones must be positive and increase (got "
+                            f"{' '.join(map(str, self.milestones))})")
         if self.normalization not in ("pixel", "channel"):
             problems.append(
                 f"normalization must be 'pixel' or 'channel' (got {self.normalization!r})"

@@ -1,11 +1,14 @@
 """The run folder (docs/design.md, principle 8): it describes itself and refuses to be
 overwritten.
 
-`recipe.json` holds the resolved spec and must match on resume; `env.json` the versions, commit,
+`recipe.json` holds the resolved spec, which must match on resume except for how often the run
+evaluates, logs and saves (OBSERVATION_FIELDS), and except for a longer schedule that keeps
+every trained iteration's learning rate (an extension); `env.json` the versions, commit,
 hardware and command of the first start, with each resume appended; `metrics.jsonl` one JSON
 record per log, trimmed back to the checkpoint on resume; at the end `summary.json` and
-`model.safetensors`, whose metadata (spec, input channels, classes, normalisation) makes the
-weights usable on their own.
+`model.safetensors`, whose metadata (spec, input channels, classes and their names,
+normalisation, the tensors' digest) makes the weights usable on their own. The folder is created
+under its lock and removed again if the run never started.
 """
 
 from __future__ import annotations
@@ -70,19 +73,73 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def check_run_folder(run_dir: Path, spec_dict: dict[str, Any]) -> None:
+# Recipe fields that say how often a run evaluates, logs and saves, not what it computes: they may
+# differ when a run is resumed, and the new values apply from there on (recipe.json is updated
+# and env.json's resume entry names the change).
+OBSERVATION_FIELDS = ("eval_every", "log_every", "checkpoint_every")
+# What train() writes in a run folder; a folder holding anything else is not a run's.
+_RUN_FILES = ("recipe.json", "env.json", METRICS, SUMMARY, WEIGHTS, "tb", LOCK, "checkpoint-*.pt",
+              ".*.tmp*", "model.*.safetensors", "summary.*.json")
+
+
+def check_run_folder(run_dir: Path, spec_dict: dict[str, Any]) -> int | None:
+    """Refuse a folder holding a different run or other files; return the iterations of the
+    run being extended (the same run asked for more iterations on the same schedule), else
+    None."""
     path = run_dir / "recipe.json"
     if not path.exists():
         if any(run_dir.glob("checkpoint-*.pt")) or (run_dir / WEIGHTS).exists():
             raise RunFolderError(f"{run_dir} holds a run without recipe.json; use a new --out")
-        return
-    old = json.loads(path.read_text())
-    if old != spec_dict:
-        diffs = _differences(old, spec_dict)
+        if others := sorted(p.name for p in run_dir.iterdir()
+                            if not any(p.match(g) for g in _RUN_FILES)):
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise RunFolderError(f"--out {run_dir} is a folder of other files ({shown}), not a "
+                                 "run folder; give a new or empty folder")
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path} is unreadable ({e}); restore it, or use a new --out") from e
+    if _result_part(old) == _result_part(spec_dict):
+        return None
+    before = {**old, "recipe": {k: v for k, v in old["recipe"].items()
+                                if k not in ("iterations", "milestones")}}
+    after = {**spec_dict, "recipe": {k: v for k, v in spec_dict["recipe"].items()
+                                     if k not in ("iterations", "milestones")}}
+    if _result_part(before) == _result_part(after):
+        return _extension(run_dir, old["recipe"], spec_dict["recipe"])
+    diffs = _differences(_result_part(old), _result_part(spec_dict))
+    raise RunFolderError(
+        f"{run_dir} holds a different run ({'; '.join(diffs)}); nothing was overwritten. "
+        "Use a new --out, or the same options to resume it"
+    )
+
+
+def _result_part(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    recipe = {k: v for k, v in spec_dict["recipe"].items() if k not in OBSERVATION_FIELDS}
+    return {**spec_dict, "recipe": recipe}
+
+
+def _extension(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> int:
+    """A run asked for more iterations continues only if every iteration it has trained had the
+    learning rate the longer schedule gives it: the milestones below its length are kept."""
+    done, more = old["iterations"], new["iterations"]
+    kept = [m for m in old["milestones"] if m < done]
+    milestones = " ".join(map(str, old["milestones"]))
+    if more < done:
         raise RunFolderError(
-            f"{run_dir} holds a different run ({'; '.join(diffs)}); nothing was overwritten. "
-            "Use a new --out, or the same options to resume it"
+            f"{run_dir} holds a run of {done} iterations; a shorter run ({more}) is another run: "
+            "use a new --out"
         )
+    if [m for m in new["milestones"] if m < done] != kept:
+        raise RunFolderError(
+            f"{run_dir} was trained for {done} iterations with the learning rate divided at "
+            f"{milestones or 'no milestone'}; {more} iterations as asked would divide it at "
+            f"{' '.join(map(str, new['milestones'])) or 'no milestone'}, so the iterations "
+            f"already trained would not be the longer run's. To extend it, keep its milestones "
+            f"(--iterations {more} --milestones {milestones or 'with none'}), or use a new --out"
+        )
+    return done
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -140,16 +197,50 @@ class RunFolder:
         self.path = Path(path)
         self.metrics = self.path / METRICS
 
-    def check(self, spec_dict: dict[str, Any]) -> None:
-        """Create the folder, or refuse it if it holds a different run."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        check_run_folder(self.path, spec_dict)
+    def check(self, spec_dict: dict[str, Any]) -> int | None:
+        """Refuse a path that cannot be this run's folder, before anything is written: a file,
+        a place that cannot be created, a folder of other files or of a different run. Returns
+        the iterations of a run that the spec extends (check_run_folder), else None."""
+        self.check_place()
+        return check_run_folder(self.path, spec_dict) if self.path.is_dir() else None
+
+    def check_place(self) -> None:
+        """The path can be a run folder: an existing folder, or one that can be created."""
+        p = self.path
+        if p.is_dir():
+            if not (p / "recipe.json").exists():
+                check_run_folder(p, {})  # refuses a folder of other files
+            return
+        if p.exists():
+            raise RunFolderError(f"--out {p} is a file, not a folder; give a new folder or a "
+                                 "run folder")
+        parent = p.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunFolderError(f"--out {p}: {parent} is a file, so the folder cannot be "
+                                 "created; give another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunFolderError(f"--out {p} cannot be created: {parent} is not writable; give "
+                                 "an --out on a writable disk")
 
     @contextmanager
     def lock(self) -> Iterator[None]:
         """One process per run folder: an exclusive flock on .lock while the run writes. The
         kernel drops it when the process ends, however it ends, so a killed run's lock never
-        blocks the next start; a clean exit removes the file."""
+        blocks the next start; a clean exit removes the file. It creates the folder; if the run
+        never started (nothing but the lock was written), the folders it created are removed
+        again, so a failed start leaves nothing behind."""
+        created = []
+        p = self.path
+        while not p.exists():
+            created.append(p)
+            p = p.parent
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f"--out {self.path} cannot be created: {e.strerror}; give an "
+                                 "--out on a writable disk") from e
         path = self.path / LOCK
         while True:
             try:
@@ -185,6 +276,11 @@ class RunFolder:
         finally:
             path.unlink(missing_ok=True)  # still held: a newcomer locks a new file
             f.close()  # closing releases the lock
+            for folder in created:  # deepest first; stops at the first that holds files
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
     def finished(self) -> dict[str, Any] | None:
         """The summary of a finished run, else None."""
@@ -192,9 +288,22 @@ class RunFolder:
             return json.loads((self.path / SUMMARY).read_text())
         return None
 
-    def start(self, spec_dict: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-        """Write recipe.json and env.json (a resume appends to env.json's record)."""
-        write_json(self.path / "recipe.json", spec_dict)
+    def start(self, spec_dict: dict[str, Any], env: dict[str, Any],
+              extends: int | None = None) -> dict[str, Any]:
+        """Write recipe.json and env.json (a resume appends to env.json's record, naming any
+        observation field that changed). Extending a finished run first moves its weights and
+        summary aside as model.<iterations>.safetensors and summary.<iterations>.json."""
+        recipe = self.path / "recipe.json"
+        if recipe.exists() and (changed := _differences(json.loads(recipe.read_text()),
+                                                        spec_dict)):
+            env = {**env, "changed": changed}
+        if extends is not None:
+            env = {**env, "extended_from": extends}
+            for name, aside in ((WEIGHTS, f"model.{extends}.safetensors"),
+                                (SUMMARY, f"summary.{extends}.json")):
+                if (self.path / name).exists():
+                    os.replace(self.path / name, self.path / aside)
+        write_json(recipe, spec_dict)
         return record_environment(self.path / "env.json", env)
 
     def rewind_metrics(self, step: int | None) -> None:
@@ -222,10 +331,13 @@ class RunFolder:
 
 
 def weights_metadata(spec_dict: dict[str, Any], in_channels: int, num_classes: int,
-                     mean: torch.Tensor, std: torch.Tensor | None) -> dict[str, Any]:
-    """What model.safetensors carries besides the weights: enough to rebuild and feed it."""
+                     mean: torch.Tensor, std: torch.Tensor | None,
+                     classes: tuple[str, ...]) -> dict[str, Any]:
+    """What model.safetensors carries besides the weights: enough to rebuild and feed it, and
+    the training data's class names (output i is classes[i])."""
     return {
         "spec": spec_dict, "in_channels": in_channels, "num_classes": num_classes,
+        "classes": list(classes),
         "normalization": {"mean": mean.cpu().tolist(),
                           "std": None if std is None else std.cpu().tolist()},
     }

@@ -14,9 +14,32 @@ import torch
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" is the first GPU if there is one, else the CPU; any other name must exist on this
+    machine (ValueError naming it and what there is, before any work is done)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name; use auto, cpu, cuda or "
+                         "cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device "
+                             "cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"--device {device}: no {dev.type} device on this machine; use --device "
+                         "cpu (or auto)")
+    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

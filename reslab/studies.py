@@ -88,7 +88,7 @@ def study_arms(study: str, exp: Experiment, depths: Sequence[int]) -> list[Arm]:
 @torch.no_grad()
 def what_the_network_chose(run_dir: Path, data: Dataset) -> dict[str, Any]:
     """Per stage: the gates' mean opening T on the test set, or the learned scalars λ."""
-    model, mean, std, _ = load_trained(run_dir)
+    model, mean, std, *_ = load_trained(run_dir)
     out: dict[str, Any] = {}
     stages = model.stages()
     scales = {f"stage{s + 1}": [b.shortcut_scale.item() for b in stage

@@ -16,12 +16,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import WEIGHTS, CheckpointError, load_latest_checkpoint, save_checkpoint
+from .checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from .data import BatchStream, Dataset, channel_stats, load_dataset, pixel_mean
 from .evaluate import evaluate
 from .models import ResidualBlock, build_model, default_shortcut, model_family
@@ -31,8 +37,8 @@ from .runtime import algorithms, resolve_device, resolve_precision, stop_signals
 from .step import MEMORY_FORMAT, NonFiniteLoss, Window, build_step, make_optimizer
 
 __all__ = ["COMPILE_MIN_ITERATIONS", "COMPILE_MODES", "NonFiniteLoss", "RunFolderError",
-           "RunSpec", "TrainOptions", "TrainingStopped", "load_trained", "resolve_device",
-           "resolve_precision", "train"]
+           "RunSpec", "TrainOptions", "Trained", "TrainingStopped", "check_start", "load_trained",
+           "resolve_device", "resolve_precision", "train"]
 
 # torch.compile costs 25-40 s on 2 CPU cores and saves ~9% of a bf16 step (results/bench):
 # it pays back after ~3k iterations of ResNet-20, so long runs compile and short ones do not.
@@ -137,19 +143,18 @@ def train(
     spec: RunSpec, run_dir: Path, *, data: Dataset | None = None,
     options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen: one shared default is safe)
 ) -> dict[str, Any]:
-    """Train (or resume, or report a finished run) and return the run's summary."""
+    """Train (or resume, or extend, or report a finished run) and return the run's summary.
+
+    Nothing is written to the run folder until the run is known to be able to start (device,
+    model, folder, data and any checkpoint all checked), so a failed start leaves the folder as
+    it was and the corrected call just works."""
     o, folder = options, RunFolder(run_dir)
-    dev = resolve_device(o.device)
-    if o.cuda_graphs and dev.type != "cuda":
-        raise ValueError(f"CUDA graphs need a CUDA device, not {dev}; omit --cuda-graphs")
-    spec = replace(spec, recipe=replace(spec.recipe, precision=resolve_precision(
-        spec.recipe.precision, dev)))
+    dev, spec, extends = check_start(spec, folder.path, o)
     recipe = spec.recipe
-    family = model_family(spec.model)  # validates the name before any data is read
+    family = model_family(spec.model)
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
-    folder.check(spec_dict)
     with folder.lock():  # nothing is written before it is held
-        if (done := folder.finished()) is not None:
+        if extends is None and (done := folder.finished()) is not None:
             print(f"{folder.path} is finished ({recipe.iterations} iterations, final test error "
                   f"{100 * done['final_test_error']:.2f}%); nothing to do")
             return done
@@ -157,7 +162,6 @@ def train(
             data = load_dataset(spec.data, val_split=recipe.val_split, seed=0,
                                 skip_bad_images=o.skip_bad_images)
         in_channels, num_classes = check_data_fits(spec, data)
-        env = folder.start(spec_dict, environment(dev))
 
         # Sec. 4.2: per-pixel mean subtraction, computed on the training split.
         if recipe.normalization == "pixel":
@@ -178,7 +182,14 @@ def train(
             state, path = resumed
             _restore(model, optimizer, stream, state, path, spec, data, in_channels, num_classes)
             step, elapsed = state["step"], state["elapsed"]
-            print(f"resuming {folder.path} from {path.name} (iteration {step}/{recipe.iterations})")
+        elif extends is not None and folder.finished() is not None:
+            raise RunFolderError(f"{folder.path} has no checkpoint of its last iteration "
+                                 f"({extends}) to extend it from; use a new --out")
+        env = folder.start(spec_dict, environment(dev), extends=extends)
+        if state is not None:
+            more = f", extended from {extends}" if extends is not None else ""
+            print(f"resuming {folder.path} from {path.name} (iteration {step}/"
+                  f"{recipe.iterations}{more})")
         folder.rewind_metrics(step if state is not None else None)
         warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
         window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state)
@@ -193,7 +204,6 @@ def train(
             gradient_checkpointing=o.gradient_checkpointing,
         )
         last_record = step
-        where = f"the last good checkpoint in {folder.path} is untouched (try a lower --lr)"
 
         def evaluation(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
             return evaluate(model, images, labels, mean, std, precision=recipe.precision,
@@ -212,7 +222,7 @@ def train(
                 try:
                     note = run_step(stream.next(), step)
                 except NonFiniteLoss as e:
-                    raise NonFiniteLoss(f"{e}; {where}") from None
+                    raise NonFiniteLoss(f"{e}; {_kept(folder)}") from None
                 step += 1
                 if note:
                     bar.write(note)
@@ -224,7 +234,7 @@ def train(
                 logging = step % recipe.log_interval == 0 or evaluating
                 if run_step.deferred and (logging or saving) and window.nonfinite_since_check():
                     raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
-                                        f"{last_record + 1} and {step}; {where}")
+                                        f"{last_record + 1} and {step}; {_kept(folder)}")
                 if logging:
                     last_record = step
                     train_loss, train_error = window.take()
@@ -253,9 +263,49 @@ def train(
                         raise TrainingStopped(step, path, stop[0])
 
         summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
-        folder.finish(model.state_dict(), weights_metadata(spec_dict, in_channels, num_classes,
-                                                           mean, std), summary)
+        folder.finish(model.state_dict(), weights_metadata(
+            spec_dict, in_channels, num_classes, mean, std, data.classes), summary)
         return summary
+
+
+def check_start(spec: RunSpec, run_dir: Path, options: TrainOptions, *, compare: bool = True
+                ) -> tuple[torch.device, RunSpec, int | None]:
+    """What can be checked before the data is read, in the order a user fixes it: the device,
+    the model and its options, the run folder (compare: against this spec; else only that it can
+    be a run folder). Returns the device, the spec with its precision resolved, and the
+    iterations of a run it extends (RunFolder.check)."""
+    dev = resolve_device(options.device)
+    if options.cuda_graphs and dev.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {dev}; omit --cuda-graphs")
+    spec = replace(spec, recipe=replace(spec.recipe, precision=resolve_precision(
+        spec.recipe.precision, dev)))
+    model_family(spec.model)
+    check_model_options(spec)
+    folder = RunFolder(run_dir)
+    if not compare:
+        folder.check_place()
+        return dev, spec, None
+    return dev, spec, folder.check(json.loads(json.dumps(spec.as_dict())))
+
+
+def check_model_options(spec: RunSpec) -> None:
+    """The model's options are valid (ValueError otherwise): built on the meta device, which
+    costs no memory and no time, so a bad combination is refused before the data is read."""
+    with torch.device("meta"):
+        build_model(spec.model, num_classes=spec.num_classes or 10,
+                    in_channels=spec.in_channels or 3, shortcut=spec.shortcut,
+                    layout=spec.layout, layers_per_block=spec.layers_per_block,
+                    zero_init_residual=spec.zero_init_residual)
+
+
+def _kept(folder: RunFolder) -> str:
+    """What a run stopped by a non-finite loss leaves to resume from, by name."""
+    kept = list_checkpoints(folder.path)
+    if not kept:
+        return ("no checkpoint was saved yet, so rerunning starts over (try a lower --lr, or "
+                "--skip-nonfinite K)")
+    return (f"the last good checkpoint, {kept[-1]}, is untouched (try a lower --lr, or "
+            "--skip-nonfinite K, and rerun to resume from it)")
 
 
 def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream,
@@ -340,10 +390,21 @@ def _detail(error: Exception) -> str:
     return next((line for line in lines if "mismatch" in line), lines[0])
 
 
-def load_trained(
-    path: Path, device: str = "cpu"
-) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None, RunSpec]:
-    """(model, mean, std, spec) from a run folder or a model.safetensors written by train()."""
+class Trained(NamedTuple):
+    """A trained model and what feeding it takes: the training split's normalisation, the
+    spec, and the class names (output i is classes[i]; None for weights written before they
+    were saved)."""
+
+    model: torch.nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor | None
+    spec: RunSpec
+    classes: tuple[str, ...] | None
+
+
+def load_trained(path: Path, device: str = "cpu") -> Trained:
+    """The Trained model of a run folder or of a model.safetensors written by train(), its
+    checksum verified."""
     from .checkpoint import load_weights
 
     path = Path(path)
@@ -367,6 +428,9 @@ def load_trained(
         if mean.ndim not in (1, 3) or len(mean) != meta["in_channels"]:
             raise ValueError(f"normalisation mean of shape {tuple(mean.shape)} for "
                              f"{meta['in_channels']}-channel images")
+        classes = None if meta.get("classes") is None else tuple(map(str, meta["classes"]))
+        if classes is not None and len(classes) > meta["num_classes"]:
+            raise ValueError(f"{len(classes)} class names for {meta['num_classes']} outputs")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{weights} has malformed reslab metadata or weights ({type(e).__name__}: "
@@ -375,5 +439,5 @@ def load_trained(
     dev = resolve_device(device)
     model = model.to(dev).to(memory_format=torch.channels_last).eval()
     mean, std = mean.to(dev), (None if std is None else std.to(dev))
-    return model, mean, std, spec
+    return Trained(model, mean, std, spec, classes)
 

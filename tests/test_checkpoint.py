@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import reslab
 import reslab.checkpoint
 import reslab.step
 import reslab.train
@@ -216,3 +217,48 @@ def test_crafted_weights_give_a_clear_error_in_eval(tmp_path, finished, capsys, 
     assert main(["eval", str(path), "--data", str(finished.folder), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and says in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23, item 4: a damaged file is an error naming it, never a silently different model
+
+
+def _flip_a_weight_bit(path: Path) -> None:
+    """Flip one bit in the middle of the tensor data (after the safetensors header)."""
+    data = bytearray(path.read_bytes())
+    header = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+    data[(header + len(data)) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_weights_with_a_flipped_bit_are_refused_by_name(tmp_path, finished, capsys):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(finished.weights)
+    assert reslab.load_trained(path).classes == ("c0", "c1", "c2")  # saved with the weights
+    _flip_a_weight_bit(path)
+    load_file(str(path))  # safetensors itself reads it happily: only the digest can tell
+    with pytest.raises(CheckpointError, match=f"weights {path} are damaged"):
+        reslab.load_trained(path)
+    assert main(["eval", str(path), "--data", str(finished.folder), "--device", "cpu"]) == 2
+    assert f"weights {path} are damaged" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_skipped_for_the_one_before(tmp_path, finished):
+    run = tmp_path / "run"
+    run.mkdir()
+    states = {}
+    for step in (5, 10):
+        states[step] = {"model": {"w": torch.full((64,), float(step))}, "step": step}
+        save_checkpoint(run, step, states[step])
+    newest = run / "checkpoint-00000010.pt"
+    data = bytearray(newest.read_bytes())
+    at = data.find(torch.full((64,), 10.0).numpy().tobytes())
+    data[at + 100] ^= 0x01  # inside the tensor: torch.load does not check its zip CRCs
+    newest.write_bytes(bytes(data))
+    assert torch.load(newest, weights_only=True)["step"] == 10  # loads, silently different
+    with pytest.raises(CheckpointError, match=f"checkpoint {newest} is damaged"):
+        safe_load(newest)
+    with pytest.warns(UserWarning, match=f"checkpoint {newest} is unreadable"):
+        state, path = load_latest_checkpoint(run)
+    assert path.name == "checkpoint-00000005.pt" and torch.equal(state["model"]["w"],
+                                                                 states[5]["model"]["w"])

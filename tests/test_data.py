@@ -521,9 +521,35 @@ def test_skip_bad_images(tmp_path: Path) -> None:
         load_dataset(str(root))
     # An empty class folder is a layout error, not a bad image.
     empty = _empty_class(root)
-    with pytest.raises(DataError, match="holds no .jpg/.jpeg/.png images") as info:
+    with pytest.raises(DataError, match="holds no images") as info:
         load_dataset(str(root), skip_bad_images=True)
     assert empty in str(info.value)
+
+
+def test_skipping_every_image_of_a_class_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "folder"
+    image_folder(root)
+    for path in (root / "train" / "cat").iterdir():  # both of cat's training images go bad
+        path.write_text("not an image")
+    with pytest.raises(DataError, match="every image in class folder .*cat is bad "
+                       r"\(--skip-bad-images skipped them all\)"):
+        load_dataset(str(root), skip_bad_images=True)
+
+
+def test_files_that_are_not_images_are_counted_and_named(tmp_path: Path) -> None:
+    root = tmp_path / "folder"
+    arrays = image_folder(root)
+    write_image(root / "train" / "dog" / "extra.bmp", seed=99)  # torchvision's suffixes: read
+    write_image(root / "test" / "emu" / "extra.webp", seed=98)
+    (root / "train" / "cat" / "notes.txt").write_text("labelled by hand")
+    Image.new("RGB", (8, 8)).save(root / "train" / "emu" / "anim.gif")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"")  # hidden: not the user's data
+    ds = load_dataset(str(root))
+    assert len(ds.train_labels) == len(arrays["train"]) + 1
+    assert len(ds.test_labels) == len(arrays["test"]) + 1
+    assert ds.ignored_files == (str(root / "train" / "cat" / "notes.txt"),
+                                str(root / "train" / "emu" / "anim.gif"))
+    assert load_dataset(str(root)).ignored_files == ds.ignored_files  # from the cache too
 
 
 def test_decompression_bomb_is_a_bad_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -610,7 +636,7 @@ def test_val_split(data_root: Path) -> None:
     other = load_dataset("cifar10", val_split=30, seed=4)
     assert not torch.equal(other.val_images, ds.val_images)
     for n in (100, 101, -1):
-        with pytest.raises(DataError, match=f"val_split={n}"):
+        with pytest.raises(DataError, match=f"--val-split {n}"):
             load_dataset("cifar10", val_split=n)
 
 

@@ -9,10 +9,12 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -235,7 +237,8 @@ def test_resume_after_the_data_gained_classes_exits_2(tmp_path, capsys):
     (run / "model.safetensors").unlink()  # unfinished again: it resumes from its checkpoint
     (run / "summary.json").unlink()
     before = {name: (run / name).read_bytes() for name in ("checkpoint-00000005.pt",
-                                                           "metrics.jsonl")}
+                                                           "metrics.jsonl", "env.json",
+                                                           "recipe.json")}
     write_image_folder(tmp_path / "imgs", make_dataset(n_train=10, n_test=10, classes=5))
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -291,3 +294,71 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path, finished):
                            r"4242\)"):
             train(SPEC, other, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert sorted(p.name for p in other.iterdir()) == [".lock"]  # nothing else written
+
+
+# ---------------------------------------------------------------------------------------------
+# What does not change the result does not define the run (issue 23, item 5)
+
+
+class Crashed(BaseException):
+    """Stands in for a kill right after a checkpoint: nothing after it runs."""
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return reslab.checkpoint.load_weights(path)[0]
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_how_often_a_run_evaluates_logs_and_saves_may_change_on_resume(tmp_path, finished,
+                                                                       monkeypatch):
+    real = reslab.train.save_checkpoint
+
+    def save(run_dir, step, state, keep=2):
+        path = real(run_dir, step, state, keep=keep)
+        if step == 10:
+            raise Crashed
+        return path
+
+    monkeypatch.setattr(reslab.train, "save_checkpoint", save)
+    run, options = tmp_path / "run", TrainOptions(tensorboard=False)
+    with pytest.raises(Crashed):
+        train(SPEC, run, data=make_dataset(), options=options)
+    monkeypatch.undo()
+    other = replace(SPEC.recipe, eval_every=4, log_every=3, checkpoint_every=7)
+    train(replace(SPEC, recipe=other), run, data=make_dataset(), options=options)
+    assert _equal(_tensors(run / "model.safetensors"), _tensors(finished.run / "model.safetensors"))
+    changed = json.loads((run / "env.json").read_text())["resumes"][0]["changed"]
+    assert changed == ["recipe.checkpoint_every: 5 there, 7 now", "recipe.eval_every: 10 there, "
+                       "4 now", "recipe.log_every: 2 there, 3 now"]
+    assert json.loads((run / "recipe.json").read_text())["recipe"]["checkpoint_every"] == 7
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-00000014.pt",
+                                                       "checkpoint-00000020.pt"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "test_error" in r] == [10, 12, 16, 20]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12, 15, 16, 18, 20]
+
+
+def test_a_finished_run_extends_to_more_iterations_on_the_same_schedule(tmp_path, finished):
+    run, direct, options = tmp_path / "run", tmp_path / "direct", TrainOptions(tensorboard=False)
+    shutil.copytree(finished.run, run)
+    longer = replace(SPEC, recipe=replace(SPEC.recipe, iterations=30))  # lr still ÷10 at 10, 15
+    assert SPEC.recipe.milestones == longer.recipe.milestones == (10, 15)
+    # With the milestones scaled (20, 30), iterations 10-19 would have trained at another lr.
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    scaled = replace(SPEC, recipe=SPEC.recipe.with_iterations(40))
+    with pytest.raises(RunFolderError, match=r"keep its milestones \(--iterations 40 "
+                       r"--milestones 10 15\)"):
+        train(scaled, run, data=make_dataset(), options=options)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+    train(longer, run, data=make_dataset(), options=options)
+    train(longer, direct, data=make_dataset(), options=options)
+    assert _equal(_tensors(run / "model.safetensors"), _tensors(direct / "model.safetensors"))
+    assert (run / "model.20.safetensors").read_bytes() == finished.weights  # kept aside
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 30
+    assert json.loads((run / "summary.20.json").read_text())["iterations"] == 20
+    assert json.loads((run / "env.json").read_text())["resumes"][-1]["extended_from"] == 20
+    assert train(longer, run, data=make_dataset(), options=options)["iterations"] == 30  # done

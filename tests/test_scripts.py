@@ -183,7 +183,7 @@ def test_bn_recalibration_runs_on_the_make_run_weights(monkeypatch, capsys):
     assert len(lines) == 6 and lines[0].startswith("as trained, eval fp32: ")
     assert lines[-1].startswith("BN stats re-estimated in bf16, eval bf16: ")
     assert all(ln.endswith("%") for ln in lines)
-    model, mean, std, _ = mod.load_trained(MAKE_RUN)
+    model, mean, std, *_ = mod.load_trained(MAKE_RUN)
     real(model, make_dataset(n_train=8, size=28).train_images, mean, std, batches=1, bf16=False)
     bn = model.bn1
     assert bn.momentum is None and int(bn.num_batches_tracked) == 1  # one cumulative batch

@@ -42,7 +42,9 @@ def test_paper_schedule_and_scaling():
 @pytest.mark.parametrize("field,value,match", [
     ("lr", -0.1, "lr must be > 0"), ("iterations", 0, "iterations must be >= 1"),
     ("batch_size", 0, "batch size"), ("precision", "fp8", "precision"),
-    ("milestones", (5, 3), "milestones must increase"),
+    ("milestones", (5, 3), "milestones must be positive and increase"),
+    ("lr", float("inf"), "lr must be a finite number"),
+    ("weight_decay", float("nan"), "weight-decay must be a finite number"),
 ])
 def test_bad_recipe_values(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -90,7 +92,7 @@ def test_tiny_end_to_end_run_folder_and_eval(tmp_path, tiny_data, capsys):
     from reslab.evaluate import evaluate
     from reslab.train import load_trained
 
-    model, mean, std, spec = load_trained(run)
+    model, mean, std, spec, _ = load_trained(run)
     err, loss = evaluate(model, tiny_data.test_images, tiny_data.test_labels, mean, std,
                          precision=spec.recipe.precision, memory_format=torch.channels_last)
     assert err == evals[-1]["test_error"] and loss == pytest.approx(evals[-1]["test_loss"])
@@ -114,8 +116,9 @@ def test_finished_run_says_so_and_different_recipe_is_refused(tmp_path, tiny_dat
     capsys.readouterr()
     train(_spec(iterations=20), run, data=tiny_data, options=TrainOptions(tensorboard=False))
     assert "is finished" in capsys.readouterr().out
-    with pytest.raises(RunFolderError, match="iterations: 20 there, 30 now"):
-        train(_spec(iterations=30), run, data=tiny_data, options=TrainOptions(tensorboard=False))
+    with pytest.raises(RunFolderError, match="lr: 0.1 there, 0.05 now"):
+        train(_spec(iterations=20, lr=0.05), run, data=tiny_data,
+              options=TrainOptions(tensorboard=False))
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert before == after
 
@@ -182,9 +185,9 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys):
     assert main([*base, "--data", str(folder), "--batch-size", "64"]) == 2
     assert "larger than the 30 training images" in capsys.readouterr().err
     assert main([*base, "--data", str(folder), "--lr", "-1"]) == 2
-    assert "lr must be > 0" in capsys.readouterr().err
+    assert "argument --lr: must be > 0 (got -1)" in capsys.readouterr().err
     assert main([*base, "--data", str(folder), "--shortcut", "D"]) == 2  # argparse: exit 2
-    assert not (tmp_path / "r/checkpoint-00000005.pt").exists()
+    assert not (tmp_path / "r").exists()  # more in tests/test_cli_errors.py
 
 
 def test_real_fashion_mnist_smoke(tmp_path):

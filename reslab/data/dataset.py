@@ -29,7 +29,8 @@ class Dataset:
     classes: tuple[str, ...]
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
-    skipped_files: tuple[str, ...] = ()
+    skipped_files: tuple[str, ...] = ()  # bad images left out by --skip-bad-images
+    ignored_files: tuple[str, ...] = ()  # files in class folders that are not images
 
     @property
     def num_classes(self) -> int:

@@ -15,9 +15,11 @@ from PIL import Image
 
 from .dataset import DataError, Dataset, _data_root
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# torchvision's ImageFolder's extensions (PIL decodes them all); other files are counted and
+# named (Dataset.ignored_files), never dropped silently.
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_SIDE = 64  # larger images would not fit in memory as a whole dataset of uint8 tensors
-_CACHE_VERSION = 2  # 2: 16-bit greyscale scaled to 8 bits, no longer clipped
+_CACHE_VERSION = 3  # 2: 16-bit greyscale scaled to 8 bits, no longer clipped; 3: more suffixes
 _BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
               Image.DecompressionBombWarning)
 
@@ -37,17 +39,19 @@ def _class_folders(split: Path) -> list[str]:
     return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_images(split: Path, names: list[str], classes: list[str]) -> list[tuple[Path, int]]:
+def _list_images(split: Path, names: list[str], classes: list[str],
+                 ignored: list[str]) -> list[tuple[Path, int]]:
+    """The image files of each class folder; files of other types are appended to `ignored`."""
     items = []
     for name in names:
-        files = sorted(
-            p for p in (split / name).rglob("*")
-            if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(split).parts)
-        )
+        files = []
+        for p in sorted((split / name).rglob("*")):
+            if any(part.startswith(".") for part in p.relative_to(split).parts) or not p.is_file():
+                continue
+            (files if p.suffix.lower() in _IMAGE_SUFFIXES else ignored).append(p)
         if not files:
-            raise DataError(f"class folder {split / name} holds no .jpg/.jpeg/.png images; add "
-                            "images or remove the folder")
+            raise DataError(f"class folder {split / name} holds no images "
+                            f"({'/'.join(_IMAGE_SUFFIXES)}); add images or remove the folder")
         items += [(p, classes.index(name)) for p in files]
     return items
 
@@ -62,7 +66,7 @@ def _decode_split(
         except _BAD_IMAGE as e:
             if not skip_bad:
                 raise DataError(f"cannot decode image {path}: {e}; fix or delete it, or pass "
-                                "skip_bad_images=True") from e
+                                "--skip-bad-images") from e
             skipped.append(str(path))
             continue
         h, w = array.shape[:2]
@@ -79,6 +83,11 @@ def _decode_split(
         labels.append(label)
     if not arrays:
         raise DataError(f"none of the {len(items)} image files in {split} could be decoded")
+    emptied = sorted({label for _, label in items} - set(labels))
+    if emptied:  # a class with no images left would train (or test) silently without it
+        folder = next(path.parent for path, label in items if label == emptied[0])
+        raise DataError(f"every image in class folder {folder} is bad (--skip-bad-images "
+                        "skipped them all); fix them or remove the folder")
     return arrays, labels, skipped
 
 
@@ -95,8 +104,10 @@ def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
     if unknown := sorted(set(test_names) - set(classes)):
         raise DataError(f"class folder {test / unknown[0]} has no counterpart in {train}; "
                         "test classes must be training classes")
-    splits = {train: _list_images(train, classes, classes),
-              test: _list_images(test, test_names, classes)}
+    ignored: list[Path] = []
+    splits = {train: _list_images(train, classes, classes, ignored),
+              test: _list_images(test, test_names, classes, ignored)}
+    ignored_files = tuple(str(p) for p in ignored)
 
     # Keyed by every file's relative path, size and mtime: any change means decoding again.
     key = hashlib.sha256(f"{_CACHE_VERSION} {skip_bad_images}\n".encode())
@@ -108,7 +119,8 @@ def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
     try:
         c = torch.load(cache, weights_only=True)
         return Dataset(str(root.resolve()), c["train_images"], c["train_labels"], c["test_images"],
-                       c["test_labels"], tuple(c["classes"]), skipped_files=tuple(c["skipped"]))
+                       c["test_labels"], tuple(c["classes"]), skipped_files=tuple(c["skipped"]),
+                       ignored_files=ignored_files)
     except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
         pass  # no cache yet, or an unreadable one: decode
 
@@ -131,4 +143,5 @@ def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
         part.replace(cache)  # atomic: a concurrent reader sees no cache or the whole file
     except OSError as e:  # a cache is an optimisation: failing to write one is no reason to stop
         warnings.warn(f"could not cache {root} in {cache}: {e}", stacklevel=2)
-    return Dataset(str(root.resolve()), *tensors, tuple(classes), skipped_files=tuple(skipped))
+    return Dataset(str(root.resolve()), *tensors, tuple(classes), skipped_files=tuple(skipped),
+                   ignored_files=ignored_files)

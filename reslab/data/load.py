@@ -25,7 +25,7 @@ def load_dataset(
 ) -> Dataset:
     """Load a known dataset by name or an ImageFolder-form folder; optionally hold out a val set."""
     if val_split < 0:
-        raise DataError(f"val_split={val_split} is negative; use 0 (no validation set) or more")
+        raise DataError(f"--val-split {val_split} is negative; use 0 (no validation set) or more")
     if spec in _IDX:
         dataset = _load_idx_dataset(spec, download)
     elif spec in _CIFAR:
@@ -46,7 +46,7 @@ def _hold_out(dataset: Dataset, n: int, seed: int) -> Dataset:
     # Sec. 4.2: the schedule "is determined on a 45k/5k train/val split"; the seed picks the 5k.
     total = len(dataset.train_labels)
     if n >= total:
-        raise DataError(f"val_split={n} leaves no training images (there are {total}); use fewer")
+        raise DataError(f"--val-split {n} leaves no training images (there are {total}); use fewer")
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     val, train = perm[:n].sort().values, perm[n:].sort().values  # sorted: keep the file order
     return replace(

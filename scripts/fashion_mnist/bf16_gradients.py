@@ -56,7 +56,7 @@ def wrap_bns(module: nn.Module) -> None:
 
 def main(batch: int = 128) -> None:
     data = load_dataset("fashion-mnist")
-    model, mean, _, _ = load_trained("results/fashion-mnist/make-run")
+    model, mean, *_ = load_trained("results/fashion-mnist/make-run")
     model.train()
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, len(data.train_images), (batch,), generator=g)

@@ -33,7 +33,7 @@ def recalibrate(model: nn.Module, images, mean, std, batches: int, bf16: bool) -
 def main() -> None:
     run = sys.argv[1] if len(sys.argv) > 1 else "results/fashion-mnist/make-run"
     data = load_dataset("fashion-mnist")
-    model, mean, std, _ = load_trained(run)
+    model, mean, std, *_ = load_trained(run)
     for p in ("fp32", "bf16"):
         err, _ = evaluate(model, data.test_images, data.test_labels, mean, std, precision=p)
         print(f"as trained, eval {p}: {100 * err:.2f}%")

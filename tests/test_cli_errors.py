@@ -1,0 +1,207 @@
+"""Every error a user can cause exits 2 with one line naming the value and the fix, writes
+nothing, and never shows a traceback (issue 23, items 1, 2 and 6): a table of bad invocations,
+a closed output pipe, Ctrl-C during start-up, and help text with every option's default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import reslab.data
+from conftest import make_dataset, write_image_folder
+from reslab.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _snapshot(path: Path) -> dict[str, bytes] | bytes | None:
+    """Everything under `path` (names and bytes), to show a command left it as it was."""
+    if path.is_file():
+        return path.read_bytes()
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(path.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, finished):
+    """Paths the table's --out values refer to: a file, a folder of someone's files, a run."""
+    root = tmp_path_factory.mktemp("places")
+    (root / "a-file").write_text("the user's notes\n")
+    (root / "photos").mkdir()
+    (root / "photos" / "holiday.jpg").write_bytes(b"not ours")
+    other = write_image_folder(root / "other-classes", make_dataset(n_train=12, n_test=6))
+    for split in ("train", "test"):  # the same images and shapes under other class names
+        for i, name in enumerate(("c0", "c1", "c2")):
+            (other / split / name).rename(other / split / f"kind{i}")
+    run = root / "run"  # 20 iterations, lr divided at 10 and 15, as the command line trains it
+    assert main(["train", "resnet8", "--data", str(finished.folder), "--out", str(run),
+                 "--iterations", "20", "--batch-size", "16", "--no-progress"]) == 0
+    return {"file": root / "a-file", "photos": root / "photos", "run": run,
+            "data": finished.folder, "other": other}
+
+
+TRAIN = ["train", "resnet8", "--data", "{data}", "--out", "{new}", "--iterations", "2",
+         "--batch-size", "16", "--no-progress"]
+EVAL = ["eval", "{run}", "--data", "{data}", "--device", "cpu"]
+
+# (arguments, what the one line must say, the path that must be left as it was)
+BAD_INVOCATIONS = [
+    ([*TRAIN, "--bogus"], "unrecognized arguments: --bogus", "{new}"),
+    ([*TRAIN, "--iterations", "0"], "argument --iterations: must be >= 1 (got 0)", "{new}"),
+    ([*TRAIN, "--lr", "-0.1"], "argument --lr: must be > 0 (got -0.1)", "{new}"),
+    ([*TRAIN, "--lr", "nan"], "argument --lr: must be a finite number (got nan)", "{new}"),
+    ([*TRAIN, "--lr", "inf"], "argument --lr: must be a finite number (got inf)", "{new}"),
+    ([*TRAIN, "--lr", "fast"], "argument --lr: 'fast' is not a number", "{new}"),
+    ([*TRAIN, "--weight-decay", "nan"], "argument --weight-decay: must be a finite", "{new}"),
+    (["train", "resnet8", "--data", "{data}", "--out", "{new}", "--epochs", "inf"],
+     "argument --epochs: must be a finite number (got inf)", "{new}"),
+    ([*TRAIN, "--checkpoint-every", "0"], "argument --checkpoint-every: must be >= 1", "{new}"),
+    ([*TRAIN, "--skip-nonfinite", "-1"], "argument --skip-nonfinite: must be >= 0", "{new}"),
+    ([*TRAIN, "--batch-size", "0"], "argument --batch-size: must be >= 1 (got 0)", "{new}"),
+    ([*TRAIN, "--batch-size", "1000"],
+     "batch size 1000 is larger than the 96 training images; use a smaller --batch-size", "{new}"),
+    ([*TRAIN, "--num-classes", "2"], "labels up to 2 but the model has 2 classes", "{new}"),
+    ([*TRAIN, "--in-channels", "3"], "--in-channels 3 but", "{new}"),
+    ([*TRAIN, "--val-split", "96"], "--val-split 96 leaves no training images", "{new}"),
+    ([*TRAIN, "--device", "tpu"], "--device 'tpu' is not a device name", "{new}"),
+    ([*TRAIN, "--device", "cuda:99"], "--device cuda:99: this machine has", "{new}"),
+    ([*TRAIN, "--device", "cpu", "--cuda-graphs", "on"], "CUDA graphs need a CUDA device",
+     "{new}"),
+    ([*TRAIN, "--recipe", "fast"], "unknown recipe 'fast'; valid: cifar10, quick", "{new}"),
+    ([*TRAIN, "--epochs", "1"], "give --iterations or --epochs, not both", "{new}"),
+    ([*TRAIN, "--milestones", "5", "3"], "milestones must be positive and increase (got 5 3)",
+     "{new}"),
+    ([*TRAIN, "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'", "{new}"),
+    (["train", "resnet9", *TRAIN[2:]], "depth 9 of 'resnet9' is not 6n+2", "{new}"),
+    (["train", "resnet50", *TRAIN[2:], "--layers-per-block", "2"],
+     "--layers-per-block 2 does not fit resnet50", "{new}"),
+    (["train", "plain20", *TRAIN[2:], "--shortcut", "B"],
+     "plain20 is a plain net (no shortcuts); use --shortcut none", "{new}"),
+    (["train", "resnet8", "--data", "no-such-data", *TRAIN[4:]], "unknown dataset 'no-such-data'",
+     "{new}"),
+    ([*TRAIN[:5], "{file}", *TRAIN[6:]], "--out {file} is a file, not a folder", "{file}"),
+    ([*TRAIN[:5], "{file}/run", *TRAIN[6:]], "{file} is a file, so the folder cannot be created",
+     "{file}"),
+    ([*TRAIN[:5], "{photos}", *TRAIN[6:]], "--out {photos} is a folder of other files "
+     "(holiday.jpg), not a run folder", "{photos}"),
+    ([*TRAIN[:5], "/proc/reslab-test/run", *TRAIN[6:]], "--out /proc/reslab-test/run cannot be "
+     "created", "{new}"),
+    ([*TRAIN[:5], "{run}", "--iterations", "20", "--batch-size", "16", "--lr", "0.05"],
+     "{run} holds a different run (recipe.lr: 0.1 there, 0.05 now); nothing was overwritten",
+     "{run}"),
+    ([*TRAIN[:5], "{run}", "--iterations", "40", "--batch-size", "16"],
+     "To extend it, keep its milestones (--iterations 40 --milestones 10 15)", "{run}"),
+    ([*TRAIN[:5], "{run}", "--iterations", "10", "--batch-size", "16"],
+     "a shorter run (10) is another run", "{run}"),
+    (["eval", "{new}", "--data", "{data}"], "no model.safetensors at {new}", "{new}"),
+    ([*EVAL[:4], "--device", "tpu"], "--device 'tpu' is not a device name", "{run}"),
+    ([*EVAL[:3], "{other}", *EVAL[4:]], "{other}'s class 0 is 'kind0' but {run} was trained with "
+     "'c0' as class 0", "{run}"),
+    (["info", "resnet9"], "depth 9 of 'resnet9' is not 6n+2", "{new}"),
+    (["info", "resnet20", "--input-size", "0"], "argument --input-size: must be >= 1", "{new}"),
+    (["reproduce", "table6", "--data", "{data}", "--out", "{new}", "--seeds", "0"],
+     "argument --seeds: must be >= 1 (got 0)", "{new}"),
+    (["bench", "train", "resnet20", "--steps", "0"], "argument --steps: must be >= 1", "{new}"),
+]
+
+
+@pytest.mark.parametrize("argv,says,untouched", BAD_INVOCATIONS,
+                         ids=[" ".join(a[2:5] if a[0] == "train" else a[:3]) + f"-{i}"
+                              for i, (a, _, _) in enumerate(BAD_INVOCATIONS)])
+def test_bad_invocation_exits_2_with_one_line_and_touches_nothing(argv, says, untouched, places,
+                                                                  tmp_path, capsys):
+    names = {**places, "new": tmp_path / "new-run"}
+    argv = [a.format(**names) for a in argv]
+    path = Path(untouched.format(**names))
+    before = _snapshot(path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err  # one line: no usage block, no warning, no traceback
+    assert lines[0].startswith("reslab") and ": error: " in lines[0]
+    assert says.format(**names) in lines[0]
+    assert _snapshot(path) == before
+
+
+def test_the_corrected_command_works_after_a_failed_start(places, tmp_path, capsys):
+    """A start that failed after the run folder's lock was taken (the data did not fit) leaves
+    no folder behind, so the corrected command simply runs."""
+    run = tmp_path / "run"
+    argv = [a.format(data=places["data"], new=run) for a in TRAIN]
+    assert main([*argv, "--batch-size", "1000"]) == 2
+    assert not run.exists()
+    assert main(argv) == 0
+    assert "final test error" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_the_data_loads_writes_nothing(places, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reslab.data, "load_dataset", interrupted)
+    run = tmp_path / "run"
+    assert main([a.format(data=places["data"], new=run) for a in TRAIN]) == 128 + signal.SIGINT
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "interrupted (Ctrl-C)" in err[0]
+    assert not run.exists()
+
+
+def _reslab(*args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "reslab", *args], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_output_closed_early_is_one_line_not_a_traceback():
+    read, write = os.pipe()
+    os.close(read)  # like `reslab info --all | head -0`: every write meets a closed pipe
+    proc = _reslab("info", "--all", stdout=write)
+    os.close(write)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.splitlines() == ["reslab info: error: the output was closed before it was all "
+                                "written (e.g. by head); a run folder resumes with the same "
+                                "command"]
+
+
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(places, tmp_path):
+    run = tmp_path / "run"
+    proc = _reslab(*[a.format(data=places["data"], new=run) for a in TRAIN],
+                   stdout=subprocess.DEVNULL)
+    time.sleep(0.5)  # torch is still being imported: nothing has been checked or written
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (Ctrl-C)" in err.splitlines()[-1]
+    assert not run.exists()
+
+
+def _options(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for a in _options(sub):
+                    yield f"{name} {a[0]}", a[1]
+        elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            yield action.option_strings[0] if action.option_strings else action.dest, action
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    seen = 0
+    for name, action in _options(build_parser()):
+        assert action.help, f"{name} has no help text"
+        if action.option_strings:  # positionals have no default to state
+            assert "default" in action.help or action.required, f"{name}: {action.help!r}"
+            if action.required:
+                assert "(required)" in action.help, name
+        seen += 1
+    assert seen > 60  # every subcommand's options were walked
