@@ -99,6 +99,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    "(default: off)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a bar when stderr is a terminal)")
+    p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
+                   help="an image folder held in memory or streamed from its files by worker "
+                   "processes (default: auto, streamed if its images exceed 64 px)")
+    p.add_argument("--workers", type=_count,
+                   help="loader processes for streamed images (default: one per core, at "
+                   "most 8)")
 
 
 def _train_options(args: argparse.Namespace) -> TrainOptions:
@@ -111,6 +117,7 @@ def _train_options(args: argparse.Namespace) -> TrainOptions:
         cuda_graphs=auto[args.cuda_graphs], gradient_checkpointing=args.gradient_checkpointing,
         skip_bad_images=args.skip_bad_images, skip_nonfinite=args.skip_nonfinite,
         deterministic=args.deterministic, progress=False if args.no_progress else None,
+        workers=args.workers, loader=args.loader,
     )
 
 
@@ -131,6 +138,9 @@ def _study_options(p: argparse.ArgumentParser, depths_help: str) -> None:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                    help="the arms' precision (default: the recipe's, auto); runs of another "
                    "precision are other runs, named so in the pool")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="the arms' batch size (default: the recipe's, 128 CIFAR, 256 ImageNet); "
+                   "runs of another size are named so in the pool")
     _run_options(p)
 
 
@@ -180,7 +190,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .data import load_dataset
+    from .data import ImageTree, open_data
     from .recipes import get_recipe
     from .train import NonFiniteLoss, RunSpec, TrainingStopped, check_start, train
 
@@ -191,6 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "seed": args.seed, "precision": args.precision, "eval_every": args.eval_every,
             "checkpoint_every": args.checkpoint_every, "log_every": args.log_every,
             "val_split": args.val_split, "normalization": args.normalization,
+            "augmentation": args.augmentation, "accumulate": args.accumulate,
         }.items() if v is not None
     }
     recipe = replace(recipe, **overrides)
@@ -211,11 +222,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = _train_options(args)
     # Device, model and run folder first: a mistake there is reported before the data is read.
     check_start(spec, args.out, options, compare=args.epochs is None)
-    data = load_dataset(args.data, val_split=recipe.val_split, seed=0,
-                        skip_bad_images=args.skip_bad_images)
+    data = open_data(args.data, val_split=recipe.val_split, seed=0,
+                     skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
     if args.epochs is not None:
-        spec = replace(spec, recipe=recipe.with_epochs(args.epochs, len(data.train_images)))
+        n_train = len(data.train) if isinstance(data, ImageTree) else len(data.train_images)
+        spec = replace(spec, recipe=recipe.with_epochs(args.epochs, n_train))
     try:
         summary = train(spec, args.out, data=data, options=options)
     except TrainingStopped as e:
@@ -233,7 +245,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _report_left_out(data) -> None:  # noqa: ANN001 (a data.Dataset; data imports torch)
     """Say which files a data set left out: bad images skipped, files that are not images."""
-    for files, what in ((data.skipped_files, "skipped {} bad image(s) (--skip-bad-images)"),
+    skipped = getattr(data, "skipped_files", ())  # a streamed tree meets its bad images later
+    for files, what in ((skipped, "skipped {} bad image(s) (--skip-bad-images)"),
                         (data.ignored_files, "ignored {} file(s) that are not images")):
         if files:
             print(what.format(len(files)) + ": " + ", ".join(files[:5])
@@ -250,12 +263,12 @@ def _data_spec(data: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_dataset
+    from .data import ImageTree, open_data
     from .evaluate import evaluate
     from .train import load_trained
 
     model, mean, std, spec, names = load_trained(args.run, device=args.device)
-    data = load_dataset(args.data, skip_bad_images=args.skip_bad_images)
+    data = open_data(args.data, skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
     if data.in_channels != model.conv1.in_channels:
         raise UsageError(f"{args.data} has {data.in_channels}-channel images but the model takes "
@@ -272,11 +285,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data}'s class {bad} is {data.classes[bad]!r} but {args.run} was "
                          f"trained with {there} as class {bad}; its error there would be "
                          "meaningless: evaluate on data with the training classes, in order")
+    precision = args.precision or spec.recipe.precision
+    if isinstance(data, ImageTree):
+        return _eval_tree(args, model, mean, std, spec, data, precision)
+    if args.protocol is not None:
+        raise UsageError(f"--protocol {args.protocol} is for photographs streamed from an image "
+                         f"folder; {args.data} is held in memory and tested on its single view "
+                         "(Sec. 4.2)")
     if mean.ndim == 3 and tuple(mean.shape[1:]) != data.image_size:
         raise UsageError(f"{args.data} has {data.image_size[0]}x{data.image_size[1]} images but "
                          f"{args.run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
                          "mean); resize the images to the training size")
-    precision = args.precision or spec.recipe.precision
     error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
                            precision=precision, memory_format=torch.channels_last)
     if args.json:
@@ -289,9 +308,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_tree(args, model, mean, std, spec, tree, precision) -> int:  # noqa: ANN001
+    """`reslab eval` on an image tree: the --protocol's top-1 and top-5 error."""
+    from .feed import default_workers
+    from .protocols import evaluate_tree
+
+    r = evaluate_tree(model, tree.test, mean, std, protocol=args.protocol or "centre",
+                      precision=precision, skip_bad_images=args.skip_bad_images,
+                      workers=default_workers() if args.workers is None else args.workers)
+    if r["skipped"]:
+        print(f"skipped {len(r['skipped'])} bad image(s) (--skip-bad-images): "
+              + "; ".join(r["skipped"][:3]), file=sys.stderr)
+    if args.json:
+        print(json.dumps({"top1_error": r["top1_error"], "top5_error": r["top5_error"],
+                          "test_loss": r["loss"], "protocol": r["protocol"], "model": spec.model,
+                          "data": args.data, "images": r["images"], "precision": precision,
+                          "skipped": len(r["skipped"])}))
+    else:
+        print(f"{spec.model} on {args.data} ({r['protocol']}): top-1 error "
+              f"{100 * r['top1_error']:.2f}%, top-5 error {100 * r['top5_error']:.2f}% "
+              f"({r['images']} images, {precision})")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """`reslab data check DIR`: decode every image before a long run; `reslab data bench DIR`:
+    the loader's images/s against torchvision's on those files."""
+    from .data import check_tree
+
+    if args.action == "bench":
+        from .bench_photos import bench_loader
+
+        r = bench_loader(args.folder, workers=args.workers if args.workers is not None else
+                         min(8, os.cpu_count() or 1), batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(f"{args.folder}, {r['workers']} workers, batch {r['batch_size']}: reslab "
+                  f"{r['reslab_images_per_second']:.0f} img/s, torchvision "
+                  f"{r['torchvision_images_per_second']:.0f} img/s, ratio x{r['ratio']:.2f}")
+        return 0
+
+    tree, problems = check_tree(args.folder, workers=args.workers or 0)
+    n = len(tree.train) + len(tree.test)
+    for message in problems:
+        print(message)
+    if tree.ignored_files:
+        print(f"ignored {len(tree.ignored_files)} file(s) that are not images: "
+              + ", ".join(tree.ignored_files[:5]), file=sys.stderr)
+    print(f"{args.folder}: {n} images in {tree.num_classes} classes, {len(problems)} bad",
+          file=sys.stderr)
+    return 2 if problems else 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`reproduce` (the paper's experiments) and `study` (the seed's questions) share a shape."""
-    if args.command == "reproduce":
+    if args.command == "reproduce" and args.experiment in ("fig4", "table2", "table3", "table4"):
+        from .imagenet_experiments import reproduce_imagenet as run
+    elif args.command == "reproduce":
         from .reproduce import reproduce as run
     else:
         from .studies import run_study as run
@@ -301,7 +375,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     exp = Experiment(
         data=_data_spec(args.data), out_dir=args.out, iterations=args.iterations,
         seeds=args.seeds, runs_dir=args.runs, report_only=args.report_only,
-        options=_train_options(args), precision=args.precision,
+        options=_train_options(args), precision=args.precision, batch_size=args.batch_size,
     )
     try:
         report = run(args.experiment, exp, depths=args.depths)
@@ -317,6 +391,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.mode == "photos":
+        from .bench_photos import bench_train_photos
+
+        if args.data is None:
+            raise UsageError("bench photos needs --data: an image folder (train/ and val/)")
+        r = bench_train_photos(args.data, args.model, workers=args.workers if args.workers
+                               is not None else min(8, os.cpu_count() or 1),
+                               batch_size=args.batch_size or 32, steps=args.steps,
+                               device=args.device)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(f"{r['model']} training at 224 from {args.data}, batch {r['batch_size']}, "
+                  f"{r['workers']} workers: reslab {r['reslab_images_per_second']:.1f} img/s, "
+                  f"plain PyTorch + torchvision {r['reference_images_per_second']:.1f} img/s, "
+                  f"ratio x{r['ratio']:.2f}")
+        return 0
     if args.mode == "train":
         r = bench.bench_train(args.model, batch_size=args.batch_size or 128, steps=args.steps,
                               input_size=args.input_size, in_channels=args.in_channels,
@@ -421,7 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder: created, or resumed if it holds this run unfinished "
                    "(required)")
     p.add_argument("--recipe", default="cifar10",
-                   help="named recipe: cifar10 (Sec. 4.2) or quick (default: cifar10)")
+                   help="named recipe: cifar10 (Sec. 4.2), quick, imagenet (Sec. 3.4: lr "
+                   "divided on plateaus) or imagenet-step (÷10 at epochs 30 and 60 of 90) "
+                   "(default: cifar10)")
+    p.add_argument("--augmentation", choices=("pad-crop-flip", "scale", "torchvision"),
+                   help="pad-crop-flip (Sec. 4.2), scale (Sec. 3.4: shorter side in [256, 480], "
+                   "224 crop, flip, PCA lighting) or torchvision (RandomResizedCrop) (default: "
+                   "the recipe's)")
+    p.add_argument("--accumulate", type=_positive_int, metavar="K",
+                   help="split each batch into K micro-batches, gradients summed: the paper's "
+                   "batch on a small GPU, BN statistics per micro-batch (default: 1)")
     p.add_argument("--iterations", type=_positive_int,
                    help=f"scale the schedule to N iterations, milestones with it (default: the "
                    f"recipe's; cifar10: {_PAPER.iterations})")
@@ -474,12 +574,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out images that cannot be decoded (default: off)")
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="evaluate in this precision (default: the run's training precision)")
+    p.add_argument("--protocol", choices=("centre", "10-crop", "multi-scale"),
+                   help="testing protocol for a streamed image folder (Sec. 3.4): the centre "
+                   "224 crop, 10 crops, or whole images at 5 scales (default: centre)")
+    p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
+                   help="an image folder held in memory or streamed (default: auto)")
+    p.add_argument("--workers", type=_count,
+                   help="loader processes for streamed images (default: one per core, at most 8)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("reproduce", help="the paper's Table 6, Figure 6 or Figure 7")
-    p.add_argument("experiment", choices=("table6", "fig6", "fig7"),
-                   help="table6, fig6 or fig7")
-    _study_options(p, depths_help="CIFAR depths 6n+2 (default: the paper's for the experiment)")
+    p = sub.add_parser("data", help="check an image folder (decode every image, list the bad) or "
+                       "time its loader against torchvision's")
+    p.add_argument("action", choices=("check", "bench"), help="check or bench")
+    p.add_argument("folder", type=Path, help="an ImageFolder tree (train/ and val/ or test/)")
+    p.add_argument("--workers", type=_count,
+                   help="decoding processes (default: one per core; bench: at most 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="bench: images per batch (default: 64)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("reproduce", help="the paper's experiments: CIFAR-10's Table 6, Figures 6 "
+                       "and 7; ImageNet's Figure 4, Tables 2, 3 and 4")
+    p.add_argument("experiment", choices=("table6", "fig6", "fig7", "fig4", "table2", "table3",
+                                          "table4"),
+                   help="table6, fig6, fig7 (CIFAR-style data in memory); fig4, table2, table3, "
+                   "table4 (an image tree, streamed)")
+    _study_options(p, depths_help="the depths to train: CIFAR 6n+2, ImageNet 18 34 50 101 152 "
+                   "(default: the paper's for the experiment)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("study", help="beyond the paper: block depth, shortcut mappings")
@@ -489,11 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("bench", help="training or inference speed vs a plain reference")
-    p.add_argument("mode", choices=("train", "infer"), help="train or infer")
+    p.add_argument("mode", choices=("train", "infer", "photos"),
+                   help="train, infer, or photos (training at 224 from an image folder, "
+                   "reslab's loader and step against torchvision's loader and a plain loop)")
     p.add_argument("model", help="e.g. resnet20, resnet50")
     p.add_argument("--batch-size", type=_positive_int, help="(default: 128 train, 1 infer)")
     p.add_argument("--steps", type=_positive_int, default=20,
-                   help="timed steps per setup, train only (default: 20)")
+                   help="timed steps per setup, train and photos (default: 20)")
     p.add_argument("--input-size", type=_positive_int,
                    help="input side in pixels (default: 32 for CIFAR nets, 224 for ImageNet nets)")
     p.add_argument("--in-channels", type=_positive_int, default=3,
@@ -503,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the one-change-at-a-time ablation (default: run it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda, train only (default: cpu)")
+    p.add_argument("--data", type=Path,
+                   help="photos: the image folder (default: none; photos needs one)")
+    p.add_argument("--workers", type=_count,
+                   help="photos: loader processes (default: one per core, at most 8)")
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -19,7 +19,7 @@ from typing import Any
 
 from .data import Dataset
 from .evaluate import layer_responses
-from .recipes import Recipe, get_recipe
+from .recipes import RECIPES, Recipe, get_recipe
 from .runfolder import environment, read_metrics
 from .runtime import resolve_device
 from .train import RunSpec, TrainOptions, load_trained, train
@@ -53,6 +53,7 @@ class Experiment:
     report_only: bool = False
     options: TrainOptions = TrainOptions()  # frozen: one shared default is safe
     precision: str | None = None
+    batch_size: int | None = None  # None: the recipe's (a run of another size is named so)
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.iterations < 1:
@@ -64,8 +65,12 @@ class Experiment:
         """The run pool: --runs, or OUT/runs."""
         return Path(self.runs_dir) if self.runs_dir is not None else self.out_dir / "runs"
 
-    def recipe(self, seed: int) -> Recipe:
-        recipe = study_recipe(self.iterations, seed)
+    def recipe(self, seed: int, base: str = "cifar10") -> Recipe:
+        """The arms' recipe: `base` scaled to the experiment's iterations, with its seed,
+        precision and batch size."""
+        recipe = study_recipe(self.iterations, seed, get_recipe(base))
+        if self.batch_size is not None:
+            recipe = replace(recipe, batch_size=self.batch_size)
         return recipe if self.precision is None else replace(recipe, precision=self.precision)
 
     def command(self, command: str, name: str, *extra: str) -> str:
@@ -92,6 +97,8 @@ class Arm:
             parts.append(f"k{s.layers_per_block}")
         if s.recipe.precision != Recipe.precision:  # not "auto": named, as no older run is
             parts.append(s.recipe.precision)
+        if s.recipe.batch_size != RECIPES.get(s.recipe.name, Recipe()).batch_size:
+            parts.append(f"b{s.recipe.batch_size}")
         parts += [f"{s.recipe.iterations}it", f"seed{s.recipe.seed}"]
         return "-".join(parts)
 
@@ -179,7 +186,8 @@ def _provenance(results: Sequence[dict[str, Any]], data: str, command: str) -> l
                       for c in (r.get("commit") or "unknown", *r.get("resumed_at_commits", ()))})
     cpus = sorted({r["hardware"] for r in results})  # set by run_arms
     return [
-        f"- data: **{data}** (the paper's figures are CIFAR-10; ours are on the data named here)",
+        f"- data: **{data}** (the paper's figures are on CIFAR-10 or ImageNet; ours are on the "
+        "data named here)",
         f"- command: `{command}`",
         f"- commits that trained the runs (resumes included): "
         f"{', '.join(c[:10] for c in commits)}; "
@@ -279,7 +287,8 @@ def write_outputs(
     keys = ("label", "model", "depth", "plain", "shortcut", "layers_per_block", "iterations",
             "params", "final_train_error", "final_test_error", "seed", "wall_time_s", "run",
             "commit", "cpu", "gpu")
-    summary = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith("study_")}
+    summary = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items()
+                                               if k.startswith("study_") or k.endswith("_error")}
                for r in results]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# {title}", "", *_provenance(results, data_name, command), "", *sections, ""]

@@ -29,6 +29,14 @@ class Recipe:
     warmup_until_error: float = 0.80
     warmup_window: int = 20  # iterations whose mean training error is tested against 80%
     pad: int = 4  # Sec. 4.2: pad 4, random crop, horizontal flip
+    # "pad-crop-flip" (Sec. 4.2, in-memory images), "scale" (Sec. 3.4: shorter side in
+    # [256, 480], 224 crop, flip, PCA lighting) or "torchvision" (RandomResizedCrop, flip).
+    augmentation: str = "pad-crop-flip"
+    # "milestones": lr divided at fixed iterations; "plateau" (Sec. 3.4): divided when the
+    # evaluated error has not improved for `plateau_patience` evaluations in a row.
+    lr_policy: str = "milestones"
+    plateau_patience: int = 3
+    accumulate: int = 1  # micro-batches per step (batch_size / accumulate each; BN per micro-batch)
     normalization: str = "pixel"  # "pixel": per-pixel mean (the paper's); "channel": mean/std
     precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp32"
     seed: int = 0
@@ -62,6 +70,16 @@ class Recipe:
             problems.append(
                 f"normalization must be 'pixel' or 'channel' (got {self.normalization!r})"
             )
+        if self.augmentation not in ("pad-crop-flip", "scale", "torchvision"):
+            problems.append(f"augmentation must be pad-crop-flip, scale or torchvision (got "
+                            f"{self.augmentation!r})")
+        if self.lr_policy not in ("milestones", "plateau"):
+            problems.append(f"lr_policy must be milestones or plateau (got {self.lr_policy!r})")
+        if self.plateau_patience < 1:
+            problems.append(f"plateau patience must be >= 1 (got {self.plateau_patience})")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            problems.append(f"--accumulate {self.accumulate} must divide the batch size "
+                            f"{self.batch_size} (micro-batches of equal size)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32 (got {self.precision!r})")
         for name in ("eval_every", "checkpoint_every"):
@@ -109,11 +127,44 @@ class Recipe:
         return cls(**d)
 
 
-def learning_rate(recipe: Recipe, step: int, warming_up: bool = False) -> float:
-    """lr for iteration `step` (0-based): divided by 10 at each milestone passed; during the
-    warm-up of very deep nets, at most recipe.warmup_lr."""
-    lr = recipe.lr * recipe.lr_decay ** sum(step >= m for m in recipe.milestones)
+def learning_rate(recipe: Recipe, step: int, warming_up: bool = False,
+                  divisions: int = 0) -> float:
+    """lr for iteration `step` (0-based): divided by 10 at each milestone passed, or with the
+    plateau policy `divisions` times (Plateau); during the warm-up of very deep nets, at most
+    recipe.warmup_lr."""
+    if recipe.lr_policy == "plateau":
+        lr = recipe.lr * recipe.lr_decay ** divisions
+    else:
+        lr = recipe.lr * recipe.lr_decay ** sum(step >= m for m in recipe.milestones)
     return min(lr, recipe.warmup_lr) if warming_up else lr
+
+
+class Plateau:
+    """Sec. 3.4's "divided by 10 when the error plateaus": after `patience` evaluations in a
+    row without a new best error (by more than 0.01%, relative), one more division. The paper
+    gives no count; 3 evaluations (3 epochs at one evaluation per epoch) is this reading. Its
+    state is checkpointed."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.stale, self.divisions = patience, float("inf"), 0, 0
+
+    def update(self, error: float) -> bool:
+        """Note an evaluation; True if the lr is divided now."""
+        if error < self.best * (1 - 1e-4):
+            self.best, self.stale = error, 0
+            return False
+        self.stale += 1
+        if self.stale < self.patience:
+            return False
+        self.divisions, self.stale = self.divisions + 1, 0
+        return True
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"best": self.best, "stale": self.stale, "divisions": self.divisions}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.best, self.stale = float(state["best"]), int(state["stale"])
+        self.divisions = int(state["divisions"])
 
 
 RECIPES: dict[str, Recipe] = {
@@ -122,6 +173,17 @@ RECIPES: dict[str, Recipe] = {
     # Fashion-MNIST, ~8 minutes on 2 CPU cores). 3,000 iterations ended at 9.11% test error.
     "quick": replace(Recipe(name="quick").with_iterations(4_500), eval_every=500,
                      checkpoint_every=500),
+    # Sec. 3.4: batch 256, lr 0.1 divided by 10 when the error plateaus, up to 60e4 iterations,
+    # weight decay 1e-4, momentum 0.9, no dropout; scale augmentation and lighting. Evaluated
+    # (and the plateau tested) once an epoch of ImageNet's 1,281,167 images.
+    "imagenet": Recipe(name="imagenet", batch_size=256, iterations=600_000, milestones=(),
+                       lr_policy="plateau", augmentation="scale", pad=0, eval_every=5_005,
+                       checkpoint_every=1_000),
+    # The predictable variant (torchvision's reference, fb.resnet.torch): 90 epochs, lr divided
+    # at epochs 30 and 60; --epochs N scales both milestones with it.
+    "imagenet-step": Recipe(name="imagenet-step", batch_size=256, iterations=450_360,
+                            milestones=(150_120, 300_240), augmentation="scale", pad=0,
+                            eval_every=5_005, checkpoint_every=1_000),
 }
 
 

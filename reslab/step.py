@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import crop_flip_apply, crop_flip_draw, normalize, to_device
+from .data.stream import StreamedBatch
 from .evaluate import autocast
 from .recipes import Recipe
 
@@ -62,6 +63,18 @@ def augmented_batch(
     if pad > 0:
         x = crop_flip_apply(x, pad, offsets, flips)
     return x.contiguous(memory_format=memory_format), labels[idx]
+
+
+def streamed_batch(batch: StreamedBatch, mean: torch.Tensor, std: torch.Tensor | None,
+                   device: torch.device, memory_format: torch.memory_format
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of a batch the workers made (Sec. 3.4): uint8 views normalised on the device,
+    plus each view's PCA lighting offset."""
+    x = normalize(batch.images.to(device, non_blocking=True), mean, std)
+    if batch.lighting is not None:
+        offset = batch.lighting.to(device)[:, :, None, None]
+        x.add_(offset if std is None else offset / std.to(device)[:, None, None])
+    return x.contiguous(memory_format=memory_format), batch.labels.to(device)
 
 
 def forward_loss(
@@ -209,7 +222,8 @@ class GraphedStep:
 
 
 class Step:
-    """One iteration of Sec. 4.2: `step(idx, i)` trains on the batch `idx` (CPU indices) as the
+    """One iteration: `step(batch, i)` trains on `batch` (CPU indices into the in-memory images,
+    or a StreamedBatch of views the workers made) as the
     run's i-th iteration (0-based, which also seeds its crops and flips) at the learning rates
     the optimizer holds, adds to the window, and returns a line to print or None.
 
@@ -230,30 +244,41 @@ class Step:
         self.recipe, self.window, self.graphed = recipe, window, graphed
         self.skip_nonfinite, self.deferred = skip_nonfinite, deferred
         self.compiler_graphs = compiler_graphs
-        self.device = images.device
+        self.device = mean.device
 
-    def __call__(self, idx: torch.Tensor, i: int) -> str | None:
-        r, window = self.recipe, self.window
-        offsets = flips = None
-        if r.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
-            offsets, flips = crop_flip_draw(len(idx), r.pad, augment_generator(r.seed, i))
-        if self.graphed is not None and not window.warmup:
-            self.graphed(idx, offsets, flips)  # adds to the window's sums on the device
-            window.seen += r.batch_size
-            return None
-        dev = self.device
-        x, y = augmented_batch(
-            self.images, self.labels, to_device(idx, dev), mean=self.mean, std=self.std,
-            pad=r.pad, offsets=None if offsets is None else to_device(offsets, dev),
-            flips=None if flips is None else to_device(flips, dev), memory_format=MEMORY_FORMAT,
-        )
+    def __call__(self, batch: torch.Tensor | StreamedBatch, i: int) -> str | None:
+        r, window, dev = self.recipe, self.window, self.device
+        if isinstance(batch, StreamedBatch):  # views the loader's workers made (Sec. 3.4)
+            x, y = streamed_batch(batch, self.mean, self.std, dev, MEMORY_FORMAT)
+        else:  # `batch` indexes the in-memory images (Sec. 4.2)
+            offsets = flips = None
+            if r.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
+                offsets, flips = crop_flip_draw(len(batch), r.pad, augment_generator(r.seed, i))
+            if self.graphed is not None and not window.warmup:
+                self.graphed(batch, offsets, flips)  # adds to the window's sums on the device
+                window.seen += r.batch_size
+                return None
+            x, y = augmented_batch(
+                self.images, self.labels, to_device(batch, dev), mean=self.mean, std=self.std,
+                pad=r.pad, offsets=None if offsets is None else to_device(offsets, dev),
+                flips=None if flips is None else to_device(flips, dev),
+                memory_format=MEMORY_FORMAT,
+            )
         # A skipped step leaves the model as it was, BN statistics included.
         buffers = [b.clone() for b in self.model.buffers()] if self.skip_nonfinite else []
         if self.compiler_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        # wrong is counted before backward: a CUDA graph's outputs are only safe to read until
-        # it runs again.
-        _, loss, wrong = forward_loss(self.forward, x, y, dev, r.precision)
+        # Gradient accumulation: `accumulate` equal micro-batches (Sec. 3.4's batch on a small
+        # device), each with its own BN statistics, their gradients summed with weights.
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, wrong = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.int64)
+        for xk, yk in zip(x.chunk(r.accumulate), y.chunk(r.accumulate), strict=True):
+            # wrong is counted before backward: a CUDA graph's outputs are only safe to read
+            # until it runs again.
+            _, loss_k, wrong_k = forward_loss(self.forward, xk, yk, dev, r.precision)
+            weight = len(yk) / len(y)
+            (loss_k * weight if r.accumulate > 1 else loss_k).backward()
+            loss, wrong = loss + loss_k.detach() * weight, wrong + wrong_k
         finite = True
         if not (self.deferred and not window.warmup):
             finite = bool(torch.isfinite(loss))
@@ -268,8 +293,6 @@ class Step:
             return (f"skipped iteration {i + 1}: loss is {loss.item()} "
                     f"({window.nonfinite_in_a_row} in a row, --skip-nonfinite "
                     f"{self.skip_nonfinite})")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
         # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
         add_to_window(window.sums, loss, wrong, len(y))
@@ -286,15 +309,16 @@ class Step:
 
 
 def build_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-    labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None, recipe: Recipe,
+    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor | None,
+    labels: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor | None, recipe: Recipe,
     window: Window, *, compile_model: bool, compile_mode: str | None, cuda_graphs: bool | None,
     skip_nonfinite: int = 0, gradient_checkpointing: bool = False,
 ) -> Step:
     """The step train() runs (and the benchmark times): `model` (on its device, channels_last)
-    compiled or not, the data resident on the same device, and on a GPU, unless
-    `cuda_graphs` is False, the whole step as one CUDA graph."""
-    dev = images.device
+    compiled or not, the in-memory data resident on the same device (None for streamed
+    batches), and on a GPU, unless `cuda_graphs` is False, the whole step as one CUDA graph
+    (in-memory data, no accumulation)."""
+    dev = mean.device
     # On a GPU the NaN check waits for the next log line or checkpoint instead of syncing every
     # step; a NaN step then updates the weights, but no checkpoint is written after it. Skipping
     # (--skip-nonfinite) and the warm-up's per-step error need the per-step check.
@@ -304,11 +328,11 @@ def build_step(
     # A graphed step cannot skip itself (--skip-nonfinite), nest torch.compile's own graphs,
     # or read the RNG state as activation checkpointing does (not allowed while capturing).
     can_graph = (dev.type == "cuda" and deferred and not compiler_graphs
-                 and not gradient_checkpointing)
+                 and not gradient_checkpointing and images is not None and recipe.accumulate == 1)
     if cuda_graphs and not can_graph:
         raise ValueError("--cuda-graphs on does not go with --skip-nonfinite, "
-                         "--gradient-checkpointing or a compile mode that makes its own CUDA "
-                         "graphs")
+                         "--gradient-checkpointing, --accumulate, streamed images or a compile "
+                         "mode that makes its own CUDA graphs")
     graphed = None
     if can_graph and cuda_graphs is not False:
         graphed = GraphedStep(

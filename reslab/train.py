@@ -28,10 +28,10 @@ from .checkpoint import (
     load_latest_checkpoint,
     save_checkpoint,
 )
-from .data import BatchStream, Dataset, channel_stats, load_dataset, pixel_mean
-from .evaluate import evaluate
+from .data import BatchStream, DataError, Dataset, ImageTree, open_data
+from .feed import BadImage, MemoryFeed, make_feed
 from .models import ResidualBlock, build_model, default_shortcut, model_family
-from .recipes import Recipe, learning_rate
+from .recipes import Plateau, Recipe, learning_rate
 from .runfolder import RunFolder, RunFolderError, environment, weights_metadata
 from .runtime import algorithms, resolve_device, resolve_precision, stop_signals
 from .step import MEMORY_FORMAT, NonFiniteLoss, Window, build_step, make_optimizer
@@ -107,14 +107,18 @@ class TrainOptions:
     tensorboard: bool = True
     progress: bool | None = None
     keep_checkpoints: int = 2
+    workers: int | None = None  # loader processes for streamed image trees (None: feed's default)
+    loader: str = "auto"  # an image folder in memory or streamed (data.open_data)
 
 
 def model_depth(name: str) -> int:
     return int(re.search(r"\d+$", name).group())
 
 
-def check_data_fits(spec: RunSpec, data: Dataset) -> tuple[int, int]:
+def check_data_fits(spec: RunSpec, data: Dataset | ImageTree) -> tuple[int, int]:
     """(in_channels, num_classes), or a clear error before any work is done."""
+    if isinstance(data, ImageTree):
+        return _tree_fits(spec, data)
     in_channels = data.in_channels if spec.in_channels is None else spec.in_channels
     num_classes = data.num_classes if spec.num_classes is None else spec.num_classes
     if num_classes < 1:
@@ -139,8 +143,22 @@ def check_data_fits(spec: RunSpec, data: Dataset) -> tuple[int, int]:
     return in_channels, num_classes
 
 
+def _tree_fits(spec: RunSpec, tree: ImageTree) -> tuple[int, int]:
+    num_classes = tree.num_classes if spec.num_classes is None else spec.num_classes
+    if num_classes < tree.num_classes:
+        raise ValueError(f"{tree.name} has {tree.num_classes} classes but --num-classes is "
+                         f"{num_classes}; omit it to follow the data")
+    if spec.in_channels not in (None, 3):
+        raise ValueError(f"--in-channels {spec.in_channels} but images of a tree are decoded "
+                         "to RGB; omit --in-channels")
+    if spec.recipe.batch_size > len(tree.train):
+        raise ValueError(f"batch size {spec.recipe.batch_size} is larger than the "
+                         f"{len(tree.train)} training images; use a smaller --batch-size")
+    return 3, num_classes
+
+
 def train(
-    spec: RunSpec, run_dir: Path, *, data: Dataset | None = None,
+    spec: RunSpec, run_dir: Path, *, data: Dataset | ImageTree | None = None,
     options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen: one shared default is safe)
 ) -> dict[str, Any]:
     """Train (or resume, or extend, or report a finished run) and return the run's summary.
@@ -159,15 +177,12 @@ def train(
                   f"{100 * done['final_test_error']:.2f}%); nothing to do")
             return done
         if data is None:
-            data = load_dataset(spec.data, val_split=recipe.val_split, seed=0,
-                                skip_bad_images=o.skip_bad_images)
+            data = open_data(spec.data, val_split=recipe.val_split, seed=0,
+                             skip_bad_images=o.skip_bad_images, loader=o.loader)
         in_channels, num_classes = check_data_fits(spec, data)
-
-        # Sec. 4.2: per-pixel mean subtraction, computed on the training split.
-        if recipe.normalization == "pixel":
-            mean, std = pixel_mean(data.train_images), None
-        else:
-            mean, std = channel_stats(data.train_images)
+        feed = make_feed(data, recipe, dev, workers=o.workers, skip_bad_images=o.skip_bad_images)
+        # Sec. 4.2 and 3.4: per-pixel mean subtraction, computed on the training split.
+        mean, std = feed.stats()
         torch.manual_seed(recipe.seed)  # He init is drawn from the seed
         model = build_model(
             spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
@@ -176,12 +191,16 @@ def train(
             gradient_checkpointing=o.gradient_checkpointing,
         ).to(dev).to(memory_format=MEMORY_FORMAT)
         optimizer = make_optimizer(model, recipe, dev)
-        stream = BatchStream(len(data.train_images), recipe.batch_size, recipe.seed)
+        stream = BatchStream(feed.n_train, recipe.batch_size, recipe.seed)
+        plateau = Plateau(recipe.plateau_patience)
         step, elapsed, state = 0, 0.0, None
         if (resumed := load_latest_checkpoint(folder.path)) is not None:
             state, path = resumed
             _restore(model, optimizer, stream, state, path, spec, data, in_channels, num_classes)
             step, elapsed = state["step"], state["elapsed"]
+            if "plateau" in state:
+                plateau.load_state_dict(state["plateau"])
+            feed.skipped = state.get("skipped_images", 0)
         elif extends is not None and folder.finished() is not None:
             raise RunFolderError(f"{folder.path} has no checkpoint of its last iteration "
                                  f"({extends}) to extend it from; use a new --out")
@@ -196,18 +215,25 @@ def train(
         mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
         compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
                          else o.compile_model)
+        resident = isinstance(feed, MemoryFeed)
         run_step = build_step(
-            model, optimizer, data.train_images.to(dev), data.train_labels.to(dev), mean, std,
-            recipe, window, compile_model=compile_model,
+            model, optimizer, feed.images if resident else None,
+            feed.labels if resident else None, mean, std, recipe, window,
+            compile_model=compile_model,
             compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
             cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,
             gradient_checkpointing=o.gradient_checkpointing,
         )
         last_record = step
 
-        def evaluation(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-            return evaluate(model, images, labels, mean, std, precision=recipe.precision,
-                            memory_format=MEMORY_FORMAT)
+        def checkpoint() -> Path:
+            return save_checkpoint(folder.path, step, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "stream": stream.state_dict(), "step": step,
+                "elapsed": time.perf_counter() - t0, **window.state_dict(),
+                "plateau": plateau.state_dict(), "skipped_images": feed.skipped,
+                "spec": spec_dict,
+            }, keep=o.keep_checkpoints)
 
         bar = tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
                    disable=not _show_progress(o), dynamic_ncols=True)
@@ -216,13 +242,18 @@ def train(
             model.train()
             t0 = time.perf_counter() - elapsed
             while step < recipe.iterations:
-                lr = learning_rate(recipe, step, warming_up=window.warmup)
+                lr = learning_rate(recipe, step, warming_up=window.warmup,
+                                   divisions=plateau.divisions)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 try:
-                    note = run_step(stream.next(), step)
+                    note = run_step(feed.next(stream), step)
                 except NonFiniteLoss as e:
                     raise NonFiniteLoss(f"{e}; {_kept(folder)}") from None
+                except BadImage as e:  # the stream is at its batch: resuming meets it again
+                    raise DataError(f"{e} (met at iteration {step + 1}; saved "
+                                    f"{checkpoint().name}, so the same command resumes there "
+                                    "once the file is fixed or removed)") from None
                 step += 1
                 if note:
                     bar.write(note)
@@ -239,32 +270,30 @@ def train(
                     last_record = step
                     train_loss, train_error = window.take()
                     record: dict[str, Any] = {
-                        "step": step, "epoch": step * recipe.batch_size / len(data.train_images),
+                        "step": step, "epoch": step * recipe.batch_size / feed.n_train,
                         "lr": lr, "train_loss": train_loss, "train_error": train_error,
                     }
+                    if feed.skipped:
+                        record["skipped_images"] = feed.skipped
                     if evaluating:
-                        record["test_error"], record["test_loss"] = evaluation(
-                            data.test_images, data.test_labels)
-                        if data.val_images is not None:
-                            record["val_error"], record["val_loss"] = evaluation(
-                                data.val_images, data.val_labels)
+                        record.update(feed.evaluate(model, mean, std))
+                        error = record.get("val_error", record["test_error"])
+                        if recipe.lr_policy == "plateau" and plateau.update(error):
+                            new = learning_rate(recipe, step, divisions=plateau.divisions)
+                            bar.write(f"error plateaued at iteration {step} (best "
+                                      f"{100 * plateau.best:.2f}%): lr divided by 10, to {new:g}")
                     if not o.deterministic:  # wall-clock time would differ between two runs
                         record["time"] = time.perf_counter() - t0
                     folder.append_metrics(record)
                     _log(tb, bar, record, recipe.iterations, evaluating)
                 if saving:
-                    path = save_checkpoint(folder.path, step, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "stream": stream.state_dict(), "step": step,
-                        "elapsed": time.perf_counter() - t0, **window.state_dict(),
-                        "spec": spec_dict,
-                    }, keep=o.keep_checkpoints)
+                    path = checkpoint()
                     if stop and step < recipe.iterations:
                         raise TrainingStopped(step, path, stop[0])
 
         summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
         folder.finish(model.state_dict(), weights_metadata(
-            spec_dict, in_channels, num_classes, mean, std, data.classes), summary)
+            spec_dict, in_channels, num_classes, mean, std, feed.classes), summary)
         return summary
 
 

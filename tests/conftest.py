@@ -67,6 +67,25 @@ def impossible_png(path: Path) -> str:
     return str(path)
 
 
+class Crashed(BaseException):
+    """Stands in for a kill right after a checkpoint: nothing after it runs."""
+
+
+def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """train() raises Crashed right after writing the checkpoint of iteration `step`."""
+    import reslab.train
+
+    real = reslab.train.save_checkpoint
+
+    def save(run_dir, at, state, keep=2):
+        path = real(run_dir, at, state, keep=keep)
+        if at == step:
+            raise Crashed
+        return path
+
+    monkeypatch.setattr(reslab.train, "save_checkpoint", save)
+
+
 @pytest.fixture
 def tiny_data() -> Dataset:
     return make_dataset()

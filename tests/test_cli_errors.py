@@ -147,7 +147,7 @@ def test_ctrl_c_while_the_data_loads_writes_nothing(places, tmp_path, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reslab.data, "load_dataset", interrupted)
+    monkeypatch.setattr(reslab.data, "open_data", interrupted)
     run = tmp_path / "run"
     assert main([a.format(data=places["data"], new=run) for a in TRAIN]) == 128 + signal.SIGINT
     err = capsys.readouterr().err.splitlines()

@@ -22,9 +22,17 @@ import pytest
 import torch
 
 import reslab.checkpoint
+import reslab.feed
 import reslab.step
 import reslab.train
-from conftest import RELIABILITY_SPEC, RELIABILITY_TINY, make_dataset, write_image_folder
+from conftest import (
+    RELIABILITY_SPEC,
+    RELIABILITY_TINY,
+    Crashed,
+    crash_after_checkpoint,
+    make_dataset,
+    write_image_folder,
+)
 from reslab.checkpoint import list_checkpoints
 from reslab.cli import main
 from reslab.train import RunFolderError, TrainOptions, train
@@ -45,13 +53,13 @@ CLI_ARGS = ["resnet8", "--iterations", str(N), "--batch-size", "16", "--checkpoi
 # kill would).
 KILLER = r"""
 import os, signal, sys
-import reslab.checkpoint, reslab.train
+import reslab.checkpoint, reslab.feed
 from reslab.cli import main
 
 kind, n = sys.argv[1], int(sys.argv[2])
 del sys.argv[1:3]
 calls = [0]
-evaluate, atomic_write = reslab.train.evaluate, reslab.checkpoint._atomic_write
+evaluate, atomic_write = reslab.feed.evaluate, reslab.checkpoint._atomic_write
 
 def dying_evaluate(*args, **kwargs):
     calls[0] += 1
@@ -70,7 +78,7 @@ def dying_write(path, data):
     atomic_write(path, data)
 
 if kind == "eval":
-    reslab.train.evaluate = dying_evaluate
+    reslab.feed.evaluate = dying_evaluate
 else:
     reslab.checkpoint._atomic_write = dying_write
 sys.exit(main())
@@ -214,8 +222,8 @@ def test_sigint_finishes_the_step_saves_and_says_how_to_resume(cli_reference):
 
 def test_deterministic_runs_write_identical_metrics(tmp_path, finished, monkeypatch):
     seen = []
-    real = reslab.train.evaluate
-    monkeypatch.setattr(reslab.train, "evaluate", lambda *a, **k: (
+    real = reslab.feed.evaluate
+    monkeypatch.setattr(reslab.feed, "evaluate", lambda *a, **k: (
         seen.append(torch.are_deterministic_algorithms_enabled()), real(*a, **k))[1])
     args = ["train", "resnet8", "--data", str(finished.folder), "--iterations", "10",
             "--batch-size", "16", "--eval-every", "5", "--log-every", "1", "--no-progress"]
@@ -300,10 +308,6 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path, finished):
 # What does not change the result does not define the run (issue 23, item 5)
 
 
-class Crashed(BaseException):
-    """Stands in for a kill right after a checkpoint: nothing after it runs."""
-
-
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return reslab.checkpoint.load_weights(path)[0]
 
@@ -314,15 +318,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_how_often_a_run_evaluates_logs_and_saves_may_change_on_resume(tmp_path, finished,
                                                                        monkeypatch):
-    real = reslab.train.save_checkpoint
-
-    def save(run_dir, step, state, keep=2):
-        path = real(run_dir, step, state, keep=keep)
-        if step == 10:
-            raise Crashed
-        return path
-
-    monkeypatch.setattr(reslab.train, "save_checkpoint", save)
+    crash_after_checkpoint(monkeypatch, 10)
     run, options = tmp_path / "run", TrainOptions(tensorboard=False)
     with pytest.raises(Crashed):
         train(SPEC, run, data=make_dataset(), options=options)

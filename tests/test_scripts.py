@@ -36,7 +36,8 @@ PYTHON_SCRIPTS = [
     "fashion_mnist/stage1_cost.py",
     "memory/resnet1202.py",
 ]
-SHELL_SCRIPTS = ["bench/allocator/run.sh", "bench/run.sh", "cifar10_jpeg.sh", "h200/run.sh"]
+SHELL_SCRIPTS = ["bench/allocator/run.sh", "bench/photos.sh", "bench/run.sh", "cifar10_jpeg.sh",
+                 "h200/run.sh"]
 MAKE_RUN = ROOT / "results/fashion-mnist/make-run"  # weights the fashion_mnist scripts read
 
 
@@ -221,8 +222,8 @@ def dry_run(rel: str, tmp_path: Path, **env: str) -> list[list[str]]:
             args = parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"scripts/{rel}: reslab cannot parse: {shlex.join(argv)}")
-        if getattr(args, "data", None) is not None:
-            assert args.data in DATASETS, argv
+        if getattr(args, "data", None) is not None:  # a known name, or bench photos' folder
+            assert args.data in DATASETS or (args.command, args.mode) == ("bench", "photos"), argv
         if args.command in ("train", "bench"):
             model_family(args.model)  # a valid model name
     return commands
@@ -241,6 +242,14 @@ def test_bench_run_sh_dry_run(tmp_path):
     commands = dry_run("bench/run.sh", tmp_path)
     assert _tree(ROOT / "results/bench") == before, "DRY_RUN=1 wrote into results/bench"
     assert len(commands) == 7 and _kinds(commands) == {("bench", "train"), ("bench", "infer")}
+
+
+def test_photos_sh_dry_run(tmp_path):
+    before = _tree(ROOT / "results")
+    commands = dry_run("bench/photos.sh", tmp_path, PHOTOS=str(tmp_path / "photos"))
+    assert _tree(ROOT / "results") == before, "DRY_RUN=1 wrote into results/"
+    assert _kinds(commands) == {("data", "bench"), ("bench", "photos")} and len(commands) == 4
+    assert not (tmp_path / "photos").exists()  # no files written either
 
 
 def test_allocator_run_sh_dry_run(tmp_path):
@@ -262,8 +271,8 @@ def test_h200_run_sh_dry_run(tmp_path):
                        DRY_RUN_CG="--cuda-graphs off", PY="false")
     assert _kinds(commands) == {("reproduce", "table6"), ("reproduce", "fig6"),
                                 ("study", "shortcuts"), ("study", "block-depth"),
-                                ("bench", "train")}
-    assert len(commands) == 9
+                                ("bench", "train"), ("bench", "photos")}
+    assert len(commands) == 10
     training = [c for c in commands if c[0] != "bench"]
     assert all(c[c.index("--cuda-graphs") + 1] == "off" for c in training)
     assert not (out / "machine.txt").exists()  # no nvidia-smi, no tests, nothing packed

@@ -118,7 +118,7 @@ def test_studies_end_to_end_share_runs(tmp_path, folder, monkeypatch, capsys):
     assert main(["study", "shortcuts", "--out", str(tmp_path / "sc"), *base,
                  "--report-only"]) == 0
     assert (tmp_path / "sc" / "report.md").read_text() == report_before
-    model, *_ = load_trained(pool / "resnet20-scaled-8it-seed0")
+    model, *_ = load_trained(pool / "resnet20-scaled-b16-8it-seed0")  # batch 16: named
     lams = [b.shortcut_scale.item() for b in model.modules() if isinstance(b, ResidualBlock)]
     assert any(abs(v - 1.0) > 1e-6 for v in lams)  # λ received gradient and moved
 

@@ -35,6 +35,16 @@ def _decode_image(path: Path) -> np.ndarray:
             return np.asarray(image.convert("L" if gray else "RGB"))
 
 
+def _splits(root: Path, test_names: tuple[str, str]) -> tuple[Path, Path]:
+    """train/ and the first of `test_names` that exists, or an error saying what is missing."""
+    train = root / "train"
+    test = next((root / s for s in test_names if (root / s).is_dir()), None)
+    if not train.is_dir() or test is None:
+        raise DataError(f"{root} is not in ImageFolder form: it needs train/ and {test_names[0]}/ "
+                        f"(or {test_names[1]}/), each with one subfolder of images per class")
+    return train, test
+
+
 def _class_folders(split: Path) -> list[str]:
     return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -92,11 +102,7 @@ def _decode_split(
 
 
 def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
-    train = root / "train"
-    test = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
-    if not train.is_dir() or test is None:
-        raise DataError(f"{root} is not in ImageFolder form: it needs train/ and test/ (or val/), "
-                        "each with one subfolder of images per class")
+    train, test = _splits(root, ("test", "val"))
     classes, test_names = _class_folders(train), _class_folders(test)
     for split, names in ((train, classes), (test, test_names)):
         if not names:

@@ -11,8 +11,11 @@ import torch
 from .cifar import _CIFAR, _load_cifar
 from .cifar10_jpeg import _load_cifar10_jpeg
 from .dataset import DATASETS, DataError, Dataset
-from .folder import _load_image_folder
+from .folder import _MAX_SIDE, _load_image_folder
 from .idx import _IDX, _load_idx_dataset
+from .tree import ImageTree, hold_out_tree, open_tree
+
+LOADERS = ("auto", "memory", "stream")
 
 
 def load_dataset(
@@ -56,3 +59,33 @@ def _hold_out(dataset: Dataset, n: int, seed: int) -> Dataset:
         val_images=dataset.train_images[val].contiguous(),
         val_labels=dataset.train_labels[val],
     )
+
+
+def open_data(
+    spec: str, *, val_split: int = 0, seed: int = 0, skip_bad_images: bool = False,
+    loader: str = "auto",
+) -> Dataset | ImageTree:
+    """The data of `spec` held in memory (load_dataset) or, for an image folder, as files
+    streamed by workers (an ImageTree). "auto" streams a folder whose first training image is
+    larger than the in-memory path takes (64 px a side); "memory" and "stream" force either."""
+    if loader not in LOADERS:
+        raise DataError(f"--loader {loader!r} is not one of {', '.join(LOADERS)}")
+    folder = spec not in DATASETS and Path(spec).expanduser().is_dir()
+    if loader == "stream" and not folder:
+        raise DataError(f"--loader stream reads image folders; --data {spec} is held in memory "
+                        "(use --loader auto)")
+    if folder and loader != "memory":
+        tree = open_tree(Path(spec))
+        if loader == "stream" or _larger_than_memory(tree):
+            return hold_out_tree(tree, val_split, seed) if val_split else tree
+    return load_dataset(spec, val_split=val_split, seed=seed, skip_bad_images=skip_bad_images)
+
+
+def _larger_than_memory(tree: ImageTree) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(tree.train[0][0]) as image:  # the header only: no decoding
+            return max(image.size) > _MAX_SIDE
+    except OSError:
+        return False  # a bad first image: the in-memory path names it

@@ -25,16 +25,21 @@ class BatchStream:
         return torch.randperm(self.n, generator=generator)
 
     def next(self) -> torch.Tensor:
-        parts, need = [], self.batch_size
+        return self.next_with_epochs()[0]
+
+    def next_with_epochs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch's indices and the epoch each belongs to (a batch may span two)."""
+        parts, epochs, need = [], [], self.batch_size
         while need:
             take = min(need, self.n - self._position)
             parts.append(self._perm[self._position : self._position + take])
+            epochs.append(torch.full((take,), self._epoch, dtype=torch.int64))
             self._position += take
             need -= take
             if self._position == self.n:
                 self._epoch, self._position = self._epoch + 1, 0
                 self._perm = self._permutation(self._epoch)
-        return torch.cat(parts)
+        return torch.cat(parts), torch.cat(epochs)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "position": self._position}

@@ -4,7 +4,8 @@
 # 1. the CUDA tests; 2. the paper's full schedule (64,000 iterations) on Fashion-MNIST in two
 # lanes sharing the GPU, ResNet-56 first (its wall time is #4's figure), until a deadline, when
 # unfinished runs are stopped with SIGTERM (each saves a checkpoint that resumes it); 3. `reslab
-# bench train resnet50` at 224x224 on synthetic data; 4. the run folders packed into $OUT.
+# bench train resnet50` at 224x224 on synthetic data; 4. `reslab bench photos resnet50` from
+# JPEG files; 5. the run folders packed into $OUT.
 # Fashion-MNIST travels with the call in .data/fashion-mnist (git-ignored; the device has no
 # network). LIMIT is the whole script's budget in seconds. DRY_RUN=1 prints each reslab command's
 # arguments ("+ ARGS") instead of running anything (no tests, no training, no archives).
@@ -133,4 +134,18 @@ log "bench $BENCH_MODEL (budget $left s)"
 TIMEOUT=$left reslab bench train $BENCH_MODEL --device $DEVICE --steps 30 --no-ablation --json \
     > "$W/bench.json" 2> "$W/bench.err" && cp "$W/bench.json" "$OUT/bench-train-resnet50-224.json" \
     || { log "bench did not finish"; tail -5 "$W/bench.err" | tee -a "$OUT/log.txt"; }
+
+# 4. ResNet-50 trained from JPEG files (issue 24, item 6): photograph-like files written here,
+# decoded by PHOTO_WORKERS loader processes, against torchvision's loader and a plain loop.
+left=$((LIMIT - (SECONDS - T0) - 25))
+PHOTO_WORKERS=${PHOTO_WORKERS:-14}
+if [ "$left" -gt 60 ]; then
+    log "bench photos resnet50 (budget $left s)"
+    [ -n "$DRY_RUN" ] || $PY -c "import sys; from reslab.bench_photos import write_photo_tree; \
+write_photo_tree(sys.argv[1], classes=8, per_class=160, val_per_class=2)" "$W/photos"
+    TIMEOUT=$left reslab bench photos resnet50 --data "$W/photos" --device $DEVICE \
+        --workers $PHOTO_WORKERS --batch-size 256 --steps 10 --json > "$W/photos.json" \
+        2> "$W/photos.err" && cp "$W/photos.json" "$OUT/bench-photos-resnet50-224.json" \
+        || { log "photo bench did not finish"; tail -5 "$W/photos.err" | tee -a "$OUT/log.txt"; }
+fi
 log "done"

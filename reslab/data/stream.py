@@ -1,0 +1,185 @@
+"""Batches of an ImageTree, decoded and augmented in worker processes while the model trains
+(torch.utils.data.DataLoader), in the run's resumable order (order.BatchStream).
+
+The loader's sampler is a second BatchStream started from the run's state: it runs ahead of
+training by the prefetched batches, while the run's own stream advances one batch per step, so
+a checkpoint records exactly the batches trained. An image's view depends only on (seed, epoch,
+index) (photo_augment.view_generator), so a resumed run sees the very views it would have seen.
+
+A bad image met mid-epoch (one that cannot be decoded, or is too small or too elongated to crop)
+comes back to the main process as its message: train() saves a checkpoint and stops with that
+message, naming the file; with --skip-bad-images it is left out of its batch and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from .dataset import DataError
+from .order import BatchStream
+from .photo_augment import (
+    CROP,
+    TEST_SIZE,
+    centre_view,
+    check_size,
+    lighting,
+    scale_view,
+    torchvision_view,
+    view_generator,
+)
+from .tree import decode_rgb
+
+
+@dataclass
+class StreamedBatch:
+    """One training batch from the workers: uint8 views (B, 3, crop, crop), labels, each view's
+    lighting offset (B, 3) in [0, 1] units (None without colour augmentation), and the messages
+    of the images left out (--skip-bad-images) or, without skipping, of the first bad one."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lighting: torch.Tensor | None
+    bad: list[str] = field(default_factory=list)
+    skipping: bool = True
+
+
+def _decoded(path: str) -> torch.Tensor | str:
+    """The image, or the message naming why it is bad (sent back to the main process)."""
+    try:
+        image = decode_rgb(path)
+        check_size(image, path)
+    except DataError as e:
+        return str(e)
+    return image
+
+
+class _TrainViews(torch.utils.data.Dataset):
+    """(index, epoch) -> (view, label, lighting) or the bad image's message."""
+
+    def __init__(self, items: tuple[tuple[str, int], ...], seed: int, augmentation: str,
+                 colour: bool) -> None:
+        self.items, self.seed, self.augmentation, self.colour = items, seed, augmentation, colour
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        path, label = self.items[index]
+        image = _decoded(path)
+        if isinstance(image, str):
+            return image
+        g = view_generator(self.seed, epoch, index)
+        view = (scale_view if self.augmentation == "scale" else torchvision_view)(image, g)
+        return view.contiguous(), label, lighting(g) if self.colour else None
+
+
+class _Order:
+    """The loader's batch sampler: (index, epoch) pairs of a BatchStream from a given state."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, state: dict[str, int]) -> None:
+        self.stream = BatchStream(n, batch_size, seed)
+        self.stream.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        while True:
+            idx, epochs = self.stream.next_with_epochs()
+            yield list(zip(idx.tolist(), epochs.tolist(), strict=True))
+
+
+def _collate(samples: list, skipping: bool) -> StreamedBatch:
+    good = [s for s in samples if not isinstance(s, str)]
+    bad = [s for s in samples if isinstance(s, str)]
+    if not good:
+        return StreamedBatch(torch.empty(0, 3, CROP, CROP, dtype=torch.uint8),
+                             torch.empty(0, dtype=torch.int64), None, bad, skipping)
+    light = None if good[0][2] is None else torch.stack([s[2] for s in good])
+    return StreamedBatch(torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]),
+                         light, bad, skipping)
+
+
+class _Collate:  # a class, not a closure: worker processes pickle it
+    def __init__(self, skipping: bool) -> None:
+        self.skipping = skipping
+
+    def __call__(self, samples: list) -> StreamedBatch:
+        return _collate(samples, self.skipping)
+
+
+def train_batches(items: tuple[tuple[str, int], ...], stream: BatchStream, *, seed: int,
+                  augmentation: str, colour: bool, workers: int, skip_bad_images: bool,
+                  pin_memory: bool = False) -> Iterator[StreamedBatch]:
+    """Endless training batches in `stream`'s order from its current state (the run's stream
+    is not advanced here: train() advances it as it trains)."""
+    order = _Order(len(items), stream.batch_size, stream.seed, stream.state_dict())
+    loader = DataLoader(
+        _TrainViews(items, seed, augmentation, colour), batch_sampler=order,
+        num_workers=workers, collate_fn=_Collate(skip_bad_images), pin_memory=pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    )
+    return iter(loader)
+
+
+class _TestViews(torch.utils.data.Dataset):
+    """index -> (views, label): the protocol's views of one test image, or its message."""
+
+    def __init__(self, items: tuple[tuple[str, int], ...], protocol: str) -> None:
+        self.items, self.protocol = items, protocol
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        from .photo_augment import MULTI_SCALES, resize_shorter, ten_views
+
+        path, label = self.items[index]
+        image = _decoded(path)
+        if isinstance(image, str):
+            return image
+        if self.protocol == "centre":
+            return centre_view(image, TEST_SIZE, CROP)[None], label
+        if self.protocol == "10-crop":
+            return ten_views(image, TEST_SIZE, CROP), label
+        # Multi-scale: whole images of different sizes, one list entry per scale.
+        return [resize_shorter(image, s) for s in MULTI_SCALES], label
+
+
+def test_batches(items: tuple[tuple[str, int], ...], protocol: str, *, batch_size: int,
+                 workers: int) -> Iterator[list]:
+    """Lists of (views, label) or bad-image messages, in file order, decoded in workers."""
+    loader = DataLoader(_TestViews(items, protocol), batch_size=batch_size, num_workers=workers,
+                        collate_fn=list, prefetch_factor=2 if workers > 0 else None)
+    return iter(loader)
+
+
+def tree_stats(items: tuple[tuple[str, int], ...], normalization: str, *, workers: int,
+               sample: int = 10_000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sec. 3.4's per-pixel mean (3, 224, 224) in [0, 1] units, or the per-channel mean and std,
+    of the centre views of a fixed sample of up to `sample` training images (the mean of 10,000
+    images is within ~0.1% of the whole set's; a pass over ImageNet's 1.28M would cost an hour
+    of decoding). Bad images in the sample are left out here; training meets them by name."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(items), generator=g)[:sample].sort().values.tolist()
+    total = torch.zeros(3, CROP, CROP, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    n = 0
+    for batch in test_batches(tuple(items[i] for i in chosen), "centre", batch_size=64,
+                              workers=workers):
+        views = [v[0] for v in batch if not isinstance(v, str)]
+        if views:
+            x = torch.stack([v[0] for v in views]).double() / 255
+            total += x.sum(0)
+            squares += x.square().sum((0, 2, 3))
+            n += len(views)
+    if n == 0:
+        raise DataError("no image of the training sample could be decoded")
+    pixel = (total / n).float()
+    if normalization == "pixel":
+        return pixel, None
+    mean = pixel.mean((1, 2))
+    var = squares / (n * CROP * CROP) - mean.double().square()
+    return mean, var.clamp_min(1e-12).sqrt().float()

@@ -1,0 +1,131 @@
+"""An ImageFolder tree of images of any size, read as files, never held in memory: the data of
+the paper's ImageNet experiments (Sec. 3.4) or a user's photos. `train/` and `val/` (or
+`test/`), one folder per class; JPEG, PNG and torchvision's other suffixes; greyscale, CMYK,
+palette and 16-bit images become RGB. Images are decoded in the loader's worker processes
+(data/stream.py) while the model trains, so memory stays flat however many there are.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dataset import DataError
+from .folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _class_folders, _splits
+
+# Larger than any photograph; a file claiming more pixels is a decompression bomb (PIL's own
+# limit is ~89 Mpx, with a warning from half of it, which reslab treats as an error).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True)
+class ImageTree:
+    """The files of a tree: (path, label) per image of each split, the class names (train/'s
+    folders, sorted; label i is classes[i]) and the files that are not images."""
+
+    name: str
+    classes: tuple[str, ...]
+    train: tuple[tuple[str, int], ...]
+    test: tuple[tuple[str, int], ...]
+    ignored_files: tuple[str, ...] = ()
+    val: tuple[tuple[str, int], ...] = ()  # held out of train/ (--val-split)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    in_channels = 3  # every image is decoded to RGB
+
+
+def open_tree(root: Path) -> ImageTree:
+    """Scan `root` (no decoding): a clear error for a tree that cannot be trained on, naming the
+    folder: no train/ or val/, a class folder without images, val/ classes that differ from
+    train/'s."""
+    root = Path(root).expanduser()
+    train, test = _splits(root, ("val", "test"))
+    classes, test_names = _class_folders(train), _class_folders(test)
+    if not classes:
+        raise DataError(f"{train} has no class subfolders; put each class's images in its own")
+    if test_names != classes:
+        extra = sorted(set(test_names) - set(classes))
+        missing = sorted(set(classes) - set(test_names))
+        raise DataError(
+            f"{test}'s classes differ from {train}'s ("
+            + "; ".join(filter(None, [extra and f"only in {test.name}/: {', '.join(extra[:3])}",
+                                      missing and f"only in train/: {', '.join(missing[:3])}"]))
+            + "); both need the same class folders"
+        )
+    ignored: list[str] = []
+    splits = []
+    for split in (train, test):
+        items = []
+        for label, name in enumerate(classes):
+            files = []
+            for p in sorted((split / name).rglob("*")):
+                if any(part.startswith(".") for part in p.relative_to(split).parts) or \
+                        not p.is_file():
+                    continue
+                (files if p.suffix.lower() in _IMAGE_SUFFIXES else ignored).append(str(p))
+            if not files:
+                raise DataError(f"class folder {split / name} holds no images "
+                                f"({'/'.join(_IMAGE_SUFFIXES)}); add images or remove the folder")
+            items += [(f, label) for f in files]
+        splits.append(tuple(items))
+    return ImageTree(str(root.resolve()), tuple(classes), splits[0], splits[1], tuple(ignored))
+
+
+def hold_out_tree(tree: ImageTree, n: int, seed: int) -> ImageTree:
+    """Sec. 4.2's validation hold-out for a tree: `n` training images, drawn by `seed`."""
+    from dataclasses import replace
+
+    if n >= len(tree.train):
+        raise DataError(f"--val-split {n} leaves no training images (there are "
+                        f"{len(tree.train)}); use fewer")
+    perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(seed))
+    val, train = sorted(perm[:n].tolist()), sorted(perm[n:].tolist())
+    return replace(tree, train=tuple(tree.train[i] for i in train),
+                   val=tuple(tree.train[i] for i in val))
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """uint8 (3, H, W) of any image PIL reads: greyscale, CMYK, palette and RGBA become RGB,
+    16-bit images keep their high byte. Raises DataError naming the file for a bad image (a
+    text file, a truncated JPEG, a decompression bomb, a mode no decoder has)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.mode.startswith("I"):  # 16-bit: PIL's convert() clips, so scale it
+                    array = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(
+                        np.uint8)
+                    array = np.repeat(array[..., None], 3, 2)
+                else:
+                    array = np.asarray(image.convert("RGB"))
+    except _BAD_IMAGE as e:
+        raise DataError(f"cannot decode image {path}: {e}; fix or delete it, or pass "
+                        "--skip-bad-images") from e
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def _check_one(path: str) -> str | None:
+    try:
+        decode_rgb(path)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def check_tree(root: Path, workers: int = 0) -> tuple[ImageTree, list[str]]:
+    """Decode every image of the tree in `workers` processes (0: one per core): the tree and
+    one message per bad image, so a multi-day run does not meet them on day two."""
+    tree = open_tree(root)
+    paths = [p for p, _ in tree.train + tree.test]
+    with ProcessPoolExecutor(max_workers=workers or None) as pool:
+        problems = [m for m in pool.map(_check_one, paths, chunksize=64) if m is not None]
+    return tree, problems

@@ -1,0 +1,123 @@
+"""What train() needs of its data, for both paths: images held in memory on the device (Sec.
+4.2's small images: the step indexes them and augments whole batches as tensor ops), or an
+ImageTree streamed through worker processes (Sec. 3.4's photographs). Each feed gives the
+training size and classes, the normalisation statistics, the next batch in the run's order
+(advancing the run's BatchStream by exactly the batches trained), and the evaluation record.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import BatchStream, DataError, Dataset, ImageTree, channel_stats, pixel_mean
+from .data.stream import StreamedBatch, train_batches, tree_stats
+from .evaluate import evaluate
+from .protocols import evaluate_tree
+from .recipes import Recipe
+from .step import MEMORY_FORMAT
+
+
+class BadImage(DataError):
+    """A bad image met mid-run without --skip-bad-images; the run's stream is at the batch
+    that holds it, so a checkpoint saved now resumes at that batch."""
+
+
+def default_workers() -> int:
+    """Loader processes: one per core up to 8 (decoding a 110 KB JPEG and Sec. 3.4's resize
+    take ~10 ms of one core, so 8 feed ~800 images/s; more workers help a larger machine)."""
+    return min(8, os.cpu_count() or 1)
+
+
+class MemoryFeed:
+    """A Dataset resident on the device; batches are index tensors the step gathers."""
+
+    def __init__(self, data: Dataset, recipe: Recipe, device: torch.device) -> None:
+        if recipe.augmentation != "pad-crop-flip":
+            raise DataError(f"--augmentation {recipe.augmentation} is for photographs streamed "
+                            f"from an image folder; {data.name} is held in memory: use "
+                            "pad-crop-flip (the cifar10 recipe)")
+        self.data, self.recipe = data, recipe
+        self.images, self.labels = data.train_images.to(device), data.train_labels.to(device)
+        self.n_train, self.classes, self.skipped = len(data.train_images), data.classes, 0
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sec. 4.2: the per-pixel mean of the training split (or per-channel mean/std)."""
+        if self.recipe.normalization == "pixel":
+            return pixel_mean(self.data.train_images), None
+        return channel_stats(self.data.train_images)
+
+    def next(self, stream: BatchStream) -> torch.Tensor:
+        return stream.next()
+
+    def evaluate(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None
+                 ) -> dict[str, float]:
+        d, record = self.data, {}
+        record["test_error"], record["test_loss"] = evaluate(
+            model, d.test_images, d.test_labels, mean, std, precision=self.recipe.precision,
+            memory_format=MEMORY_FORMAT)
+        if d.val_images is not None:
+            record["val_error"], record["val_loss"] = evaluate(
+                model, d.val_images, d.val_labels, mean, std, precision=self.recipe.precision,
+                memory_format=MEMORY_FORMAT)
+        return record
+
+
+class TreeFeed:
+    """An ImageTree decoded and augmented by `workers` processes (Sec. 3.4's views); evaluated
+    with the centre-crop protocol, top-1 and top-5, during training."""
+
+    def __init__(self, tree: ImageTree, recipe: Recipe, device: torch.device, workers: int,
+                 skip_bad_images: bool) -> None:
+        if recipe.augmentation == "pad-crop-flip":
+            raise DataError(f"{tree.name} holds photographs streamed from files: Sec. 4.2's "
+                            "pad-crop-flip is for small images in memory; use --recipe imagenet "
+                            "(Sec. 3.4's scale augmentation) or --augmentation torchvision")
+        self.tree, self.recipe, self.device = tree, recipe, device
+        self.workers, self.skip_bad_images = workers, skip_bad_images
+        self.n_train, self.classes = len(tree.train), tree.classes
+        self.skipped, self._loader = 0, None
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return tree_stats(self.tree.train, self.recipe.normalization, workers=self.workers)
+
+    def next(self, stream: BatchStream) -> StreamedBatch:
+        if self._loader is None:  # started at the run's (restored) position
+            self._loader = train_batches(
+                self.tree.train, stream, seed=self.recipe.seed,
+                augmentation=self.recipe.augmentation,
+                colour=self.recipe.augmentation == "scale", workers=self.workers,
+                skip_bad_images=self.skip_bad_images, pin_memory=self.device.type == "cuda")
+        batch = next(self._loader)
+        if batch.bad and not self.skip_bad_images:
+            raise BadImage(batch.bad[0])
+        stream.next()
+        self.skipped += len(batch.bad)
+        if not len(batch.labels):
+            raise DataError(f"every image of a batch was bad ({batch.bad[0]}, ...); check the "
+                            f"tree with `reslab data check {self.tree.name}`")
+        return batch
+
+    def evaluate(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None
+                 ) -> dict[str, Any]:
+        record = {}
+        for split, items in (("test", self.tree.test), ("val", self.tree.val)):
+            if items:
+                r = evaluate_tree(model, items, mean, std, protocol="centre",
+                                  precision=self.recipe.precision, workers=self.workers,
+                                  skip_bad_images=self.skip_bad_images)
+                record[f"{split}_error"], record[f"{split}_top5_error"] = (r["top1_error"],
+                                                                            r["top5_error"])
+                record[f"{split}_loss"] = r["loss"]
+        return record
+
+
+def make_feed(data: Dataset | ImageTree, recipe: Recipe, device: torch.device, *,
+              workers: int | None, skip_bad_images: bool) -> MemoryFeed | TreeFeed:
+    if isinstance(data, ImageTree):
+        return TreeFeed(data, recipe, device, default_workers() if workers is None else workers,
+                        skip_bad_images)
+    return MemoryFeed(data, recipe, device)
