@@ -105,6 +105,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_count,
                    help="loader processes for streamed images (default: one per core, at "
                    "most 8)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BN statistics over the global batch instead of each "
+                   "rank's share (default: off, per rank as the paper's 8 GPUs)")
 
 
 def _train_options(args: argparse.Namespace) -> TrainOptions:
@@ -117,7 +120,7 @@ def _train_options(args: argparse.Namespace) -> TrainOptions:
         cuda_graphs=auto[args.cuda_graphs], gradient_checkpointing=args.gradient_checkpointing,
         skip_bad_images=args.skip_bad_images, skip_nonfinite=args.skip_nonfinite,
         deterministic=args.deterministic, progress=False if args.no_progress else None,
-        workers=args.workers, loader=args.loader,
+        workers=args.workers, loader=args.loader, sync_bn=args.sync_bn,
     )
 
 
@@ -191,6 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .data import ImageTree, open_data
+    from .distributed import world_from_env
     from .recipes import get_recipe
     from .train import NonFiniteLoss, RunSpec, TrainingStopped, check_start, train
 
@@ -228,15 +232,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         n_train = len(data.train) if isinstance(data, ImageTree) else len(data.train_images)
         spec = replace(spec, recipe=recipe.with_epochs(args.epochs, n_train))
+    main = world_from_env().main  # under torchrun, rank 0 speaks for the run
     try:
         summary = train(spec, args.out, data=data, options=options)
     except TrainingStopped as e:
-        print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
-              f"same command: reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
+        if main:
+            print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
+                  f"same command: reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
         return 128 + e.signum
     except NonFiniteLoss as e:
         print(f"reslab train: error: {e}", file=sys.stderr)
         return 2
+    if not main:
+        return 0
     print(f"final test error {100 * summary['final_test_error']:.2f}% "
           f"(train error {100 * summary['final_train_error']:.2f}%) after "
           f"{summary['iterations']} iterations; run folder {args.out}")

@@ -2,8 +2,11 @@
 4.2's small images: the step indexes them and augments whole batches as tensor ops), or an
 ImageTree streamed through worker processes (Sec. 3.4's photographs). Each feed gives the
 training size and classes, the normalisation statistics, the next batch in the run's order
-(advancing the run's BatchStream by exactly the batches trained), and the evaluation record.
+(advancing the run's BatchStream by exactly the batches trained), and the evaluation record:
+under torchrun each rank evaluates its share of the test images and the counts are summed, so
+every rank reports the same error.
 """
+
 
 from __future__ import annotations
 
@@ -15,10 +18,18 @@ from torch import nn
 
 from .data import BatchStream, DataError, Dataset, ImageTree, channel_stats, pixel_mean
 from .data.stream import StreamedBatch, train_batches, tree_stats
+from .distributed import World, all_sum
 from .evaluate import evaluate
 from .protocols import evaluate_tree
 from .recipes import Recipe
 from .step import MEMORY_FORMAT
+
+
+def _shard(n: int, world: World) -> slice:
+    """A rank's contiguous share of n test items (the first n % size ranks take one more)."""
+    per, extra = divmod(n, world.size)
+    start = world.rank * per + min(world.rank, extra)
+    return slice(start, start + per + (world.rank < extra))
 
 
 class BadImage(DataError):
@@ -35,12 +46,13 @@ def default_workers() -> int:
 class MemoryFeed:
     """A Dataset resident on the device; batches are index tensors the step gathers."""
 
-    def __init__(self, data: Dataset, recipe: Recipe, device: torch.device) -> None:
+    def __init__(self, data: Dataset, recipe: Recipe, device: torch.device,
+                 world: World = World()) -> None:  # noqa: B008 (frozen)
         if recipe.augmentation != "pad-crop-flip":
             raise DataError(f"--augmentation {recipe.augmentation} is for photographs streamed "
                             f"from an image folder; {data.name} is held in memory: use "
                             "pad-crop-flip (the cifar10 recipe)")
-        self.data, self.recipe = data, recipe
+        self.data, self.recipe, self.world = data, recipe, world
         self.images, self.labels = data.train_images.to(device), data.train_labels.to(device)
         self.n_train, self.classes, self.skipped = len(data.train_images), data.classes, 0
 
@@ -56,13 +68,19 @@ class MemoryFeed:
     def evaluate(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None
                  ) -> dict[str, float]:
         d, record = self.data, {}
-        record["test_error"], record["test_loss"] = evaluate(
-            model, d.test_images, d.test_labels, mean, std, precision=self.recipe.precision,
-            memory_format=MEMORY_FORMAT)
-        if d.val_images is not None:
-            record["val_error"], record["val_loss"] = evaluate(
-                model, d.val_images, d.val_labels, mean, std, precision=self.recipe.precision,
-                memory_format=MEMORY_FORMAT)
+        for split, images, labels in (("test", d.test_images, d.test_labels),
+                                      ("val", d.val_images, d.val_labels)):
+            if images is None:
+                continue
+            part = _shard(len(images), self.world)
+            n = len(images[part])
+            error, loss = evaluate(model, images[part], labels[part], mean, std,
+                                   precision=self.recipe.precision,
+                                   memory_format=MEMORY_FORMAT) if n else (0.0, 0.0)
+            wrong, loss_sum = all_sum(self.world, [round(error * n), loss * n],
+                                      mean.device)
+            record[f"{split}_error"], record[f"{split}_loss"] = (wrong / len(images),
+                                                                 loss_sum / len(images))
         return record
 
 
@@ -71,12 +89,12 @@ class TreeFeed:
     with the centre-crop protocol, top-1 and top-5, during training."""
 
     def __init__(self, tree: ImageTree, recipe: Recipe, device: torch.device, workers: int,
-                 skip_bad_images: bool) -> None:
+                 skip_bad_images: bool, world: World = World()) -> None:  # noqa: B008
         if recipe.augmentation == "pad-crop-flip":
             raise DataError(f"{tree.name} holds photographs streamed from files: Sec. 4.2's "
                             "pad-crop-flip is for small images in memory; use --recipe imagenet "
                             "(Sec. 3.4's scale augmentation) or --augmentation torchvision")
-        self.tree, self.recipe, self.device = tree, recipe, device
+        self.tree, self.recipe, self.device, self.world = tree, recipe, device, world
         self.workers, self.skip_bad_images = workers, skip_bad_images
         self.n_train, self.classes = len(tree.train), tree.classes
         self.skipped, self._loader = 0, None
@@ -90,10 +108,13 @@ class TreeFeed:
                 self.tree.train, stream, seed=self.recipe.seed,
                 augmentation=self.recipe.augmentation,
                 colour=self.recipe.augmentation == "scale", workers=self.workers,
-                skip_bad_images=self.skip_bad_images, pin_memory=self.device.type == "cuda")
+                skip_bad_images=self.skip_bad_images, pin_memory=self.device.type == "cuda",
+                part=self.world.shard(stream.batch_size))
         batch = next(self._loader)
-        if batch.bad and not self.skip_bad_images:
-            raise BadImage(batch.bad[0])
+        failing = bool(batch.bad) and not self.skip_bad_images
+        if all_sum(self.world, [float(failing)], self.device)[0]:  # every rank stops together
+            raise BadImage(batch.bad[0] if failing else "a bad image in another rank's share of "
+                           "the batch (named in that rank's output)")
         stream.next()
         self.skipped += len(batch.bad)
         if not len(batch.labels):
@@ -106,18 +127,23 @@ class TreeFeed:
         record = {}
         for split, items in (("test", self.tree.test), ("val", self.tree.val)):
             if items:
-                r = evaluate_tree(model, items, mean, std, protocol="centre",
-                                  precision=self.recipe.precision, workers=self.workers,
-                                  skip_bad_images=self.skip_bad_images)
-                record[f"{split}_error"], record[f"{split}_top5_error"] = (r["top1_error"],
-                                                                            r["top5_error"])
-                record[f"{split}_loss"] = r["loss"]
+                r = evaluate_tree(model, items[_shard(len(items), self.world)], mean, std,
+                                  protocol="centre", precision=self.recipe.precision,
+                                  workers=self.workers, skip_bad_images=self.skip_bad_images)
+                n = r["images"]
+                top1, top5, loss, total = all_sum(self.world, [
+                    round(r["top1_error"] * n), round(r["top5_error"] * n), r["loss"] * n, n],
+                    mean.device)
+                record[f"{split}_error"], record[f"{split}_top5_error"] = (top1 / total,
+                                                                            top5 / total)
+                record[f"{split}_loss"] = loss / total
         return record
 
 
 def make_feed(data: Dataset | ImageTree, recipe: Recipe, device: torch.device, *,
-              workers: int | None, skip_bad_images: bool) -> MemoryFeed | TreeFeed:
+              workers: int | None, skip_bad_images: bool,
+              world: World = World()) -> MemoryFeed | TreeFeed:  # noqa: B008 (frozen)
     if isinstance(data, ImageTree):
         return TreeFeed(data, recipe, device, default_workers() if workers is None else workers,
-                        skip_bad_images)
-    return MemoryFeed(data, recipe, device)
+                        skip_bad_images, world)
+    return MemoryFeed(data, recipe, device, world)

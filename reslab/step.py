@@ -24,6 +24,7 @@ from torch import nn
 
 from .data import crop_flip_apply, crop_flip_draw, normalize, to_device
 from .data.stream import StreamedBatch
+from .distributed import World, all_sum
 from .evaluate import autocast
 from .recipes import Recipe
 
@@ -134,14 +135,14 @@ class Window:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
 
-    def take(self) -> tuple[float, float]:
-        """(mean loss, error) over the window, then start a new one."""
-        seen = max(self.seen, 1)
-        loss, error = self.sums["loss"].item() / seen, self.sums["wrong"].item() / seen
+    def take(self, world: World = World()) -> tuple[float, float]:  # noqa: B008 (frozen)
+        """(mean loss, error) over the window, summed over the ranks, then start a new one."""
+        loss, wrong, seen = all_sum(world, [self.sums["loss"].item(), self.sums["wrong"].item(),
+                                            float(self.seen)], self.sums["loss"].device)
         self.sums["loss"].zero_()
         self.sums["wrong"].zero_()
         self.seen = 0
-        return loss, error
+        return loss / max(seen, 1), wrong / max(seen, 1)
 
     def nonfinite_since_check(self) -> int:
         return int(self.sums["nonfinite"])
@@ -237,14 +238,14 @@ class Step:
         optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
         mean: torch.Tensor, std: torch.Tensor | None, recipe: Recipe, window: Window,
         skip_nonfinite: int, deferred: bool, compiler_graphs: bool,
-        graphed: GraphedStep | None,
+        graphed: GraphedStep | None, world: World = World(),  # noqa: B008 (frozen)
     ) -> None:
         self.model, self.forward, self.optimizer = model, forward, optimizer
         self.images, self.labels, self.mean, self.std = images, labels, mean, std
         self.recipe, self.window, self.graphed = recipe, window, graphed
         self.skip_nonfinite, self.deferred = skip_nonfinite, deferred
         self.compiler_graphs = compiler_graphs
-        self.device = mean.device
+        self.device, self.world = mean.device, world
 
     def __call__(self, batch: torch.Tensor | StreamedBatch, i: int) -> str | None:
         r, window, dev = self.recipe, self.window, self.device
@@ -254,6 +255,11 @@ class Step:
             offsets = flips = None
             if r.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
                 offsets, flips = crop_flip_draw(len(batch), r.pad, augment_generator(r.seed, i))
+            if self.world.size > 1:  # drawn for the global batch: this rank trains its slice
+                part = self.world.shard(len(batch))
+                batch = batch[part]
+                if offsets is not None:
+                    offsets, flips = offsets[part], flips[part]
             if self.graphed is not None and not window.warmup:
                 self.graphed(batch, offsets, flips)  # adds to the window's sums on the device
                 window.seen += r.batch_size
@@ -282,6 +288,8 @@ class Step:
         finite = True
         if not (self.deferred and not window.warmup):
             finite = bool(torch.isfinite(loss))
+            if self.world.size > 1:  # every rank skips or stops at the same iteration
+                finite = all_sum(self.world, [float(not finite)], dev)[0] == 0
         window.nonfinite_in_a_row = 0 if finite else window.nonfinite_in_a_row + 1
         if window.nonfinite_in_a_row > self.skip_nonfinite:
             streak = f" ({window.nonfinite_in_a_row} in a row)" if self.skip_nonfinite else ""
@@ -297,8 +305,9 @@ class Step:
         # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
         add_to_window(window.sums, loss, wrong, len(y))
         window.seen += len(y)
-        if window.warmup:
-            window.recent_errors.append(wrong.item() / len(y))
+        if window.warmup:  # the global batch's error, so every rank ends the warm-up together
+            wrong_all, n_all = all_sum(self.world, [float(wrong), float(len(y))], dev)
+            window.recent_errors.append(wrong_all / n_all)
             full = len(window.recent_errors) == window.recent_errors.maxlen
             if full and sum(window.recent_errors) / len(window.recent_errors) < \
                     r.warmup_until_error:
@@ -313,6 +322,7 @@ def build_step(
     labels: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor | None, recipe: Recipe,
     window: Window, *, compile_model: bool, compile_mode: str | None, cuda_graphs: bool | None,
     skip_nonfinite: int = 0, gradient_checkpointing: bool = False,
+    world: World = World(), forward_module: nn.Module | None = None,  # noqa: B008 (frozen)
 ) -> Step:
     """The step train() runs (and the benchmark times): `model` (on its device, channels_last)
     compiled or not, the in-memory data resident on the same device (None for streamed
@@ -324,11 +334,14 @@ def build_step(
     # (--skip-nonfinite) and the warm-up's per-step error need the per-step check.
     deferred = dev.type in DEFERRED_NAN_CHECK and skip_nonfinite == 0
     compiler_graphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
-    forward = torch.compile(model, mode=compile_mode) if compile_model else model
+    # forward_module: the model as trained, e.g. wrapped in DistributedDataParallel.
+    trained = model if forward_module is None else forward_module
+    forward = torch.compile(trained, mode=compile_mode) if compile_model else trained
     # A graphed step cannot skip itself (--skip-nonfinite), nest torch.compile's own graphs,
     # or read the RNG state as activation checkpointing does (not allowed while capturing).
     can_graph = (dev.type == "cuda" and deferred and not compiler_graphs
-                 and not gradient_checkpointing and images is not None and recipe.accumulate == 1)
+                 and not gradient_checkpointing and images is not None and recipe.accumulate == 1
+                 and world.size == 1)
     if cuda_graphs and not can_graph:
         raise ValueError("--cuda-graphs on does not go with --skip-nonfinite, "
                          "--gradient-checkpointing, --accumulate, streamed images or a compile "
@@ -342,4 +355,4 @@ def build_step(
         )
     return Step(model=model, forward=forward, optimizer=optimizer, images=images, labels=labels,
                 mean=mean, std=std, recipe=recipe, window=window, skip_nonfinite=skip_nonfinite,
-                deferred=deferred, compiler_graphs=compiler_graphs, graphed=graphed)
+                deferred=deferred, compiler_graphs=compiler_graphs, graphed=graphed, world=world)

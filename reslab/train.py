@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -19,16 +20,26 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import (
     WEIGHTS,
     CheckpointError,
+    checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
     save_checkpoint,
 )
 from .data import BatchStream, DataError, Dataset, ImageTree, open_data
+from .distributed import (
+    all_sum,
+    broadcast,
+    process_group,
+    rank_device,
+    sync_batch_norm,
+    world_from_env,
+)
 from .feed import BadImage, MemoryFeed, make_feed
 from .models import ResidualBlock, build_model, default_shortcut, model_family
 from .recipes import Plateau, Recipe, learning_rate
@@ -108,6 +119,7 @@ class TrainOptions:
     progress: bool | None = None
     keep_checkpoints: int = 2
     workers: int | None = None  # loader processes for streamed image trees (None: feed's default)
+    sync_bn: bool = False  # under torchrun: BN statistics over the global batch, not per rank
     loader: str = "auto"  # an image folder in memory or streamed (data.open_data)
 
 
@@ -166,21 +178,27 @@ def train(
     Nothing is written to the run folder until the run is known to be able to start (device,
     model, folder, data and any checkpoint all checked), so a failed start leaves the folder as
     it was and the corrected call just works."""
-    o, folder = options, RunFolder(run_dir)
+    o, folder, world = options, RunFolder(run_dir), world_from_env()
     dev, spec, extends = check_start(spec, folder.path, o)
-    recipe = spec.recipe
+    dev, recipe = rank_device(world, dev), spec.recipe
     family = model_family(spec.model)
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
-    with folder.lock():  # nothing is written before it is held
-        if extends is None and (done := folder.finished()) is not None:
-            print(f"{folder.path} is finished ({recipe.iterations} iterations, final test error "
-                  f"{100 * done['final_test_error']:.2f}%); nothing to do")
+    main = world.main  # rank 0 alone writes the run folder (one process: always)
+    with process_group(world, dev), (folder.lock() if main else nullcontext()):
+        # Nothing is written before the lock is held.
+        done = folder.finished() if extends is None and main else None
+        if (done := broadcast(world, done, dev)) is not None:
+            if main:
+                print(f"{folder.path} is finished ({recipe.iterations} iterations, final test "
+                      f"error {100 * done['final_test_error']:.2f}%); nothing to do")
             return done
         if data is None:
             data = open_data(spec.data, val_split=recipe.val_split, seed=0,
                              skip_bad_images=o.skip_bad_images, loader=o.loader)
         in_channels, num_classes = check_data_fits(spec, data)
-        feed = make_feed(data, recipe, dev, workers=o.workers, skip_bad_images=o.skip_bad_images)
+        world.shard(recipe.batch_size)  # the global batch divides among the ranks
+        feed = make_feed(data, recipe, dev, workers=o.workers, skip_bad_images=o.skip_bad_images,
+                         world=world)
         # Sec. 4.2 and 3.4: per-pixel mean subtraction, computed on the training split.
         mean, std = feed.stats()
         torch.manual_seed(recipe.seed)  # He init is drawn from the seed
@@ -189,12 +207,17 @@ def train(
             layout=spec.layout, layers_per_block=spec.layers_per_block,
             zero_init_residual=spec.zero_init_residual,
             gradient_checkpointing=o.gradient_checkpointing,
-        ).to(dev).to(memory_format=MEMORY_FORMAT)
+        )
+        if o.sync_bn:
+            model = sync_batch_norm(model, dev)
+        model = model.to(dev).to(memory_format=MEMORY_FORMAT)
         optimizer = make_optimizer(model, recipe, dev)
         stream = BatchStream(feed.n_train, recipe.batch_size, recipe.seed)
         plateau = Plateau(recipe.plateau_patience)
         step, elapsed, state = 0, 0.0, None
-        if (resumed := load_latest_checkpoint(folder.path)) is not None:
+        # Rank 0 reads the checkpoint and sends it: every rank resumes from the same state.
+        resumed = broadcast(world, load_latest_checkpoint(folder.path) if main else None, dev)
+        if resumed is not None:
             state, path = resumed
             _restore(model, optimizer, stream, state, path, spec, data, in_channels, num_classes)
             step, elapsed = state["step"], state["elapsed"]
@@ -204,29 +227,47 @@ def train(
         elif extends is not None and folder.finished() is not None:
             raise RunFolderError(f"{folder.path} has no checkpoint of its last iteration "
                                  f"({extends}) to extend it from; use a new --out")
-        env = folder.start(spec_dict, environment(dev), extends=extends)
-        if state is not None:
-            more = f", extended from {extends}" if extends is not None else ""
-            print(f"resuming {folder.path} from {path.name} (iteration {step}/"
-                  f"{recipe.iterations}{more})")
-        folder.rewind_metrics(step if state is not None else None)
+        env = {}
+        if main:
+            env = folder.start(spec_dict, {**environment(dev), "world_size": world.size,
+                                           "sync_bn": o.sync_bn}, extends=extends)
+            if world.size > 1:
+                print(f"{world.size} ranks, {recipe.batch_size // world.size} images each of the "
+                      f"global batch of {recipe.batch_size}"
+                      + (", BN synchronised" if o.sync_bn else ", BN statistics per rank"))
+            if state is not None:
+                more = f", extended from {extends}" if extends is not None else ""
+                print(f"resuming {folder.path} from {path.name} (iteration {step}/"
+                      f"{recipe.iterations}{more})")
+                starts = [env, *env.get("resumes", [])]
+                before = starts[-2].get("world_size", 1) if len(starts) > 1 else world.size
+                if before != world.size and not o.sync_bn:
+                    print(f"note: trained on {before} rank(s) until now, {world.size} from here: "
+                          "the same global batches, but each rank's BN statistics come from "
+                          "another share of them (--sync-bn would make them the whole batch's)")
+            folder.rewind_metrics(step if state is not None else None)
         warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
         window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state)
         mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
         compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
                          else o.compile_model)
         resident = isinstance(feed, MemoryFeed)
+        ddp = None
+        if world.size > 1:  # averages the ranks' gradients: the global batch's mean loss
+            ddp = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
         run_step = build_step(
             model, optimizer, feed.images if resident else None,
             feed.labels if resident else None, mean, std, recipe, window,
             compile_model=compile_model,
             compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
             cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,
-            gradient_checkpointing=o.gradient_checkpointing,
+            gradient_checkpointing=o.gradient_checkpointing, world=world, forward_module=ddp,
         )
         last_record = step
 
         def checkpoint() -> Path:
+            if not main:
+                return checkpoint_path(folder.path, step)
             return save_checkpoint(folder.path, step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "stream": stream.state_dict(), "step": step,
@@ -236,9 +277,9 @@ def train(
             }, keep=o.keep_checkpoints)
 
         bar = tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
-                   disable=not _show_progress(o), dynamic_ncols=True)
+                   disable=not (main and _show_progress(o)), dynamic_ncols=True)
         with algorithms(dev, o.deterministic), stop_signals() as stop, \
-                _writer(folder, o, step) as tb, bar:
+                _writer(folder, o, step, main) as tb, bar:
             model.train()
             t0 = time.perf_counter() - elapsed
             while step < recipe.iterations:
@@ -255,20 +296,23 @@ def train(
                                     f"{checkpoint().name}, so the same command resumes there "
                                     "once the file is fixed or removed)") from None
                 step += 1
-                if note:
+                if note and main:
                     bar.write(note)
                 bar.update(1)
 
                 evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
+                # A signal to any rank stops every rank after this same step.
+                stopping = all_sum(world, [float(bool(stop))], dev)[0] > 0
                 saving = (step % recipe.checkpoint_every == 0 or step == recipe.iterations
-                          or bool(stop))
+                          or stopping)
                 logging = step % recipe.log_interval == 0 or evaluating
-                if run_step.deferred and (logging or saving) and window.nonfinite_since_check():
+                if run_step.deferred and (logging or saving) and all_sum(
+                        world, [float(window.nonfinite_since_check())], dev)[0]:
                     raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
                                         f"{last_record + 1} and {step}; {_kept(folder)}")
                 if logging:
                     last_record = step
-                    train_loss, train_error = window.take()
+                    train_loss, train_error = window.take(world)
                     record: dict[str, Any] = {
                         "step": step, "epoch": step * recipe.batch_size / feed.n_train,
                         "lr": lr, "train_loss": train_loss, "train_error": train_error,
@@ -278,23 +322,26 @@ def train(
                     if evaluating:
                         record.update(feed.evaluate(model, mean, std))
                         error = record.get("val_error", record["test_error"])
-                        if recipe.lr_policy == "plateau" and plateau.update(error):
+                        if recipe.lr_policy == "plateau" and plateau.update(error) and main:
                             new = learning_rate(recipe, step, divisions=plateau.divisions)
                             bar.write(f"error plateaued at iteration {step} (best "
                                       f"{100 * plateau.best:.2f}%): lr divided by 10, to {new:g}")
                     if not o.deterministic:  # wall-clock time would differ between two runs
                         record["time"] = time.perf_counter() - t0
-                    folder.append_metrics(record)
-                    _log(tb, bar, record, recipe.iterations, evaluating)
+                    if main:
+                        folder.append_metrics(record)
+                        _log(tb, bar, record, recipe.iterations, evaluating)
                 if saving:
                     path = checkpoint()
-                    if stop and step < recipe.iterations:
-                        raise TrainingStopped(step, path, stop[0])
+                    if stopping and step < recipe.iterations:
+                        raise TrainingStopped(step, path, stop[0] if stop else signal.SIGTERM)
 
-        summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
-        folder.finish(model.state_dict(), weights_metadata(
-            spec_dict, in_channels, num_classes, mean, std, feed.classes), summary)
-        return summary
+        summary = None
+        if main:
+            summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
+            folder.finish(model.state_dict(), weights_metadata(
+                spec_dict, in_channels, num_classes, mean, std, feed.classes), summary)
+        return broadcast(world, summary, dev)
 
 
 def check_start(spec: RunSpec, run_dir: Path, options: TrainOptions, *, compare: bool = True
@@ -357,9 +404,9 @@ def _show_progress(options: TrainOptions) -> bool:
     return sys.stderr.isatty() if options.progress is None else options.progress
 
 
-def _writer(folder: RunFolder, options: TrainOptions, step: int):
-    """TensorBoard events under tb/, purged past `step` on resume; or nothing."""
-    if not options.tensorboard:
+def _writer(folder: RunFolder, options: TrainOptions, step: int, main: bool = True):
+    """TensorBoard events under tb/ (rank 0's), purged past `step` on resume; or nothing."""
+    if not options.tensorboard or not main:
         return nullcontext()
     from torch.utils.tensorboard import SummaryWriter
 

@@ -36,8 +36,8 @@ PYTHON_SCRIPTS = [
     "fashion_mnist/stage1_cost.py",
     "memory/resnet1202.py",
 ]
-SHELL_SCRIPTS = ["bench/allocator/run.sh", "bench/photos.sh", "bench/run.sh", "cifar10_jpeg.sh",
-                 "h200/run.sh"]
+SHELL_SCRIPTS = ["bench/allocator/run.sh", "bench/photos.sh", "bench/run.sh",
+                 "bench/torchrun.sh", "cifar10_jpeg.sh", "h200/run.sh"]
 MAKE_RUN = ROOT / "results/fashion-mnist/make-run"  # weights the fashion_mnist scripts read
 
 
@@ -250,6 +250,13 @@ def test_photos_sh_dry_run(tmp_path):
     assert _tree(ROOT / "results") == before, "DRY_RUN=1 wrote into results/"
     assert _kinds(commands) == {("data", "bench"), ("bench", "photos")} and len(commands) == 4
     assert not (tmp_path / "photos").exists()  # no files written either
+
+
+def test_torchrun_sh_dry_run(tmp_path):
+    before = _tree(ROOT / "results")
+    commands = dry_run("bench/torchrun.sh", tmp_path, WORK=str(tmp_path / "w"))
+    assert _tree(ROOT / "results") == before and not (tmp_path / "w").exists()
+    assert len(commands) == 3 and _kinds(commands) == {("train", "resnet20")}
 
 
 def test_allocator_run_sh_dry_run(tmp_path):

@@ -79,16 +79,18 @@ class _TrainViews(torch.utils.data.Dataset):
 
 
 class _Order:
-    """The loader's batch sampler: (index, epoch) pairs of a BatchStream from a given state."""
+    """The loader's batch sampler: (index, epoch) pairs of a BatchStream from a given state,
+    this rank's `part` of each global batch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, state: dict[str, int]) -> None:
-        self.stream = BatchStream(n, batch_size, seed)
+    def __init__(self, n: int, batch_size: int, seed: int, state: dict[str, int],
+                 part: slice) -> None:
+        self.stream, self.part = BatchStream(n, batch_size, seed), part
         self.stream.load_state_dict(state)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         while True:
             idx, epochs = self.stream.next_with_epochs()
-            yield list(zip(idx.tolist(), epochs.tolist(), strict=True))
+            yield list(zip(idx[self.part].tolist(), epochs[self.part].tolist(), strict=True))
 
 
 def _collate(samples: list, skipping: bool) -> StreamedBatch:
@@ -112,10 +114,11 @@ class _Collate:  # a class, not a closure: worker processes pickle it
 
 def train_batches(items: tuple[tuple[str, int], ...], stream: BatchStream, *, seed: int,
                   augmentation: str, colour: bool, workers: int, skip_bad_images: bool,
-                  pin_memory: bool = False) -> Iterator[StreamedBatch]:
+                  pin_memory: bool = False, part: slice = slice(None)) -> Iterator[StreamedBatch]:
     """Endless training batches in `stream`'s order from its current state (the run's stream
-    is not advanced here: train() advances it as it trains)."""
-    order = _Order(len(items), stream.batch_size, stream.seed, stream.state_dict())
+    is not advanced here: train() advances it as it trains); `part`: a rank's slice of each
+    global batch (distributed.World.shard)."""
+    order = _Order(len(items), stream.batch_size, stream.seed, stream.state_dict(), part)
     loader = DataLoader(
         _TrainViews(items, seed, augmentation, colour), batch_sampler=order,
         num_workers=workers, collate_fn=_Collate(skip_bad_images), pin_memory=pin_memory,
