@@ -148,4 +148,20 @@ write_photo_tree(sys.argv[1], classes=8, per_class=160, val_per_class=2)" "$W/ph
         2> "$W/photos.err" && cp "$W/photos.json" "$OUT/bench-photos-resnet50-224.json" \
         || { log "photo bench did not finish"; tail -5 "$W/photos.err" | tee -a "$OUT/log.txt"; }
 fi
+
+# 5. One GPU alone against the same command under torchrun (issue 25): the launcher's and DDP's
+# cost on one rank; a scaling figure needs several GPUs, which this machine does not have.
+left=$((LIMIT - (SECONDS - T0) - 25))
+if [ "$left" -gt 90 ]; then
+    log "one GPU, plain and under torchrun (budget $left s)"
+    TORCHRUN_ARGS=(train resnet20 --data fashion-mnist --iterations 2000 --eval-every 2000
+                   --compile off --no-progress $CG)
+    TIMEOUT=$((left / 2)) reslab "${TORCHRUN_ARGS[@]}" --out "$W/plain-gpu" > "$W/plain-gpu.log" 2>&1
+    echo "+ ${TORCHRUN_ARGS[*]} --out $W/torchrun-gpu" >&3
+    [ -n "$DRY_RUN" ] || timeout $((left / 2)) $PY -m torch.distributed.run --nproc-per-node 1 \
+        -m reslab "${TORCHRUN_ARGS[@]}" --out "$W/torchrun-gpu" > "$W/torchrun-gpu.log" 2>&1
+    for run in plain-gpu torchrun-gpu; do
+        [ -f "$W/$run/summary.json" ] && cp "$W/$run/summary.json" "$OUT/$run-summary.json"
+    done
+fi
 log "done"
