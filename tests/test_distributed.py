@@ -209,3 +209,41 @@ def _a_worker(launcher: int) -> int:
     """The pid of one of torchrun's worker processes (a child of the launcher)."""
     children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
     return int(children[-1])
+
+
+def test_accumulation_composes_with_ranks(folder, tmp_path):
+    """2 ranks x 2 micro-batches of 32 and 1 process x 4 micro-batches of 32 train on the same
+    micro-batches, each with its own BN statistics: the same net, up to summation order."""
+    args = [*TRAIN[:2], "--iterations", "10", *TRAIN[4:], "--data", str(folder)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun(*args, "--out", str(one), "--accumulate", "4", nproc=1)
+    torchrun(*args, "--out", str(two), "--accumulate", "2")
+    a, b = _weights(one), _weights(two)
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    # Measured 1e-7: the same micro-batches, summed in another order.
+    assert _distance({k: a[k] for k in params}, {k: b[k] for k in params}) < 1e-5
+    # BN's running statistics are rank 0's, updated by its 2 micro-batches a step, not by 4.
+    assert int(a["bn1.num_batches_tracked"]) == 40 and int(b["bn1.num_batches_tracked"]) == 20
+    for r1, r2 in zip(_records(one), _records(two), strict=True):
+        assert abs(r1["train_error"] - r2["train_error"]) * 128 * 5 <= 1
+
+
+def test_a_streamed_tree_under_torchrun_then_extended_on_one_process(tmp_path):
+    from test_imagenet import photo_tree
+
+    tree = photo_tree(tmp_path / "photos", train=4, val=2)
+    run = tmp_path / "run"
+    args = ["train", "resnet8", "--data", str(tree), "--out", str(run), "--recipe", "imagenet",
+            "--batch-size", "8", "--workers", "0", "--eval-every", "2", "--no-progress"]
+    out, _ = torchrun(*args, "--iterations", "4")
+    assert "2 ranks, 4 images each of the global batch of 8" in out
+    records = _records(run)
+    assert [r["step"] for r in records if "test_top5_error" in r] == [2, 4]
+    # Resumed on one process for two more iterations (the plateau schedule has no milestones).
+    r = subprocess.run([sys.executable, "-m", "reslab", *args, "--iterations", "6"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: trained on 2 rank(s) until now, 1 from here" in r.stdout
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 6
+    assert (run / "model.4.safetensors").exists()
