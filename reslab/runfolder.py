@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .checkpoint import WEIGHTS, save_weights, write_error, write_text
+from .recipes import Recipe
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
@@ -98,7 +99,10 @@ def check_run_folder(run_dir: Path, spec_dict: dict[str, Any]) -> int | None:
         return None
     try:
         old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        # A recipe.json written before a field existed means that field's default (every field
+        # added since keeps the old behaviour as its default).
+        old["recipe"] = json.loads(json.dumps(Recipe.from_dict(old["recipe"]).as_dict()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise RunFolderError(f"{path} is unreadable ({e}); restore it, or use a new --out") from e
     if _result_part(old) == _result_part(spec_dict):
         return None
