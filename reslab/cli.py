@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -648,7 +649,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line's entry point; every error a user can cause ends here as one line."""
     command = "reslab"
     try:
-        parser = build_parser()
+        # Ctrl-C while torch and numpy import is deferred to after the imports: raised inside
+        # an extension's import it can leave a half-imported module and a bug-like traceback.
+        interrupted: list[int] = []
+        main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+        if main_thread:
+            previous = signal.signal(signal.SIGINT,
+                                     lambda signum, _frame: interrupted.append(signum))
+        try:
+            parser = build_parser()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
         args = parser.parse_args(argv)
         command = f"reslab {args.command}"
         code = args.func(args)
