@@ -347,9 +347,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.action == "bench":
         from .bench_photos import bench_loader
+        from .feed import default_workers
 
         r = bench_loader(args.folder, workers=args.workers if args.workers is not None else
-                         min(8, os.cpu_count() or 1), batch_size=args.batch_size)
+                         default_workers(), batch_size=args.batch_size)
         if args.json:
             print(json.dumps(r, indent=2))
         else:
@@ -402,11 +403,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.mode == "photos":
         from .bench_photos import bench_train_photos
+        from .feed import default_workers
 
         if args.data is None:
             raise UsageError("bench photos needs --data: an image folder (train/ and val/)")
         r = bench_train_photos(args.data, args.model, workers=args.workers if args.workers
-                               is not None else min(8, os.cpu_count() or 1),
+                               is not None else default_workers(),
                                batch_size=args.batch_size or 32, steps=args.steps,
                                device=args.device)
         if args.json:
