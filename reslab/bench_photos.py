@@ -106,8 +106,8 @@ def _images_per_second(batches, count: int, warmup: int = 2) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_loader(root: Path, *, workers: int, batch_size: int = 64, batches: int = 10,
-                 rounds: int = 3) -> dict[str, Any]:
+def bench_loader(root: Path, *, workers: int, batch_size: int = 64, batches: int = 12,
+                 rounds: int = 5) -> dict[str, Any]:
     """Images/s of reslab's loader and torchvision's on the same files, alternated `rounds`
     times (medians quoted), and per worker process."""
     ours, theirs = [], []

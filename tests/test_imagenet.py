@@ -28,6 +28,7 @@ from reslab.data.photo_augment import (
     lighting,
     resize_shorter,
     resized_crop_box,
+    scale_draws,
     scale_view,
     ten_views,
     view_generator,
@@ -126,6 +127,25 @@ def test_every_mode_decodes_to_rgb(tmp_path, mode):
         assert torch.equal(out[0], torch.from_numpy(rgb[..., 0]))  # the high byte, not clipped
 
 
+def test_jpegs_decode_to_pils_pixels_and_large_ones_at_a_dct_scale(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (300, 410, 3), dtype=np.uint8)
+    path = tmp_path / "x.jpg"
+    Image.fromarray(rgb).save(path, quality=90, progressive=True)
+    with Image.open(path) as image:
+        expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(decode_rgb(str(path)), expected)  # libjpeg-turbo either way
+    assert torch.equal(decode_rgb(str(path), shorter_at_least=256), expected)  # not 4x: full
+    # 300 px >= 4 x 70: decoded at 1/4 (libjpeg's scaled IDCT), the shorter side still >= 70.
+    small = decode_rgb(str(path), shorter_at_least=70)
+    assert small.shape == (3, 75, 103)
+    with Image.open(path) as image:
+        image.draft("RGB", (96, 70))  # 70 / 300 of each side, rounded up
+        assert torch.equal(small, torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    path.write_bytes(path.read_bytes()[:2000])  # truncated: torchvision refuses, PIL names it
+    with pytest.raises(DataError, match=f"cannot decode image {path}: image file is truncated"):
+        decode_rgb(str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # 2: Sec. 3.4's augmentation, a pure function of (seed, epoch, index)
 
@@ -143,12 +163,37 @@ def test_scale_augmentation_is_sec_3_4_and_a_pure_function_of_seed_epoch_index()
     assert min(resized.shape[1:]) == side and 256 <= side <= 480
     top = int(torch.randint(0, resized.shape[1] - 224 + 1, (1,), generator=g))
     left = int(torch.randint(0, resized.shape[2] - 224 + 1, (1,), generator=g))
-    window = resized[:, top:top + 224, left:left + 224]
-    flip = int(torch.randint(0, 2, (1,), generator=g))
-    assert torch.equal(a, window.flip(-1) if flip else window)
+    flip = bool(torch.randint(0, 2, (1,), generator=g))
+    assert scale_draws(100, 150, view_generator(1, 2, 3)) == (side, top, left, flip)
     sides = {min(resize_shorter(image, int(torch.randint(256, 481, (1,), generator=g))).shape[1:])
              for _ in range(400)}
     assert min(sides) < 270 and max(sides) > 465  # the whole range is drawn
+
+
+@pytest.mark.parametrize("size", [(100, 150), (61, 60), (400, 470), (480, 480), (1500, 2000),
+                                  (300, 5000)])
+def test_the_view_is_the_window_of_the_whole_rescaled_image(size):
+    # Only the window's source region is resized: on a smooth image (a shift of the sampling
+    # grid by a scaled pixel moves a value by under 1/255 of its range per pixel) the view is
+    # within 2 levels of the window cut from the whole rescaled image, flipped as drawn; a
+    # window 12 rows off is not.
+    h, w = size
+    y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    image = (torch.stack([y * x, y, x]) * 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    image = image.permute(2, 0, 1)  # over HWC memory, as decode_rgb returns JPEGs
+    for i in range(12):
+        view = scale_view(image, view_generator(0, 0, i)).float()
+        side, top, left, flip = scale_draws(h, w, view_generator(0, 0, i))
+        whole = resize_shorter(image, side)
+        window = whole[:, top:top + 224, left:left + 224]
+        window = (window.flip(-1) if flip else window).float()
+        assert view.shape == (3, 224, 224)
+        assert (view - window).abs().max() <= 2
+        if whole.shape[1] >= 224 + 12:
+            off = whole[:, top + 12:top + 236, left:left + 224] if top + 236 <= whole.shape[1] \
+                else whole[:, top - 12:top + 212, left:left + 224]
+            off = (off.flip(-1) if flip else off).float()
+            assert (view - off).abs().max() > 2
 
 
 def test_lighting_is_alexnets_pca_noise():

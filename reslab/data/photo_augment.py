@@ -58,13 +58,28 @@ def check_size(image: torch.Tensor, path: str) -> None:
                         "or pass --skip-bad-images")
 
 
+def shorter_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(H, W) of an image scaled so that its shorter side is `side` pixels."""
+    if height <= width:
+        return side, max(1, round(width * side / height))
+    return max(1, round(height * side / width)), side
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int] | list[int]) -> torch.Tensor:
+    """torchvision's resize (antialiased bilinear) of a uint8 (3, H, W) image, computed on an
+    (H, W, 3)-ordered copy: torch's vectorised uint8 kernel is ~1.7x faster on that layout than
+    on planes or on a strided view, which TF.resize passes it as they come."""
+    batch = image[None].contiguous(memory_format=torch.channels_last)
+    return torch.nn.functional.interpolate(batch, size=list(size), mode="bilinear",
+                                           antialias=True)[0]
+
+
 def resize_shorter(image: torch.Tensor, side: int) -> torch.Tensor:
     """The image scaled (antialiased bilinear) so that its shorter side is `side` pixels."""
     h, w = image.shape[-2:]
     if min(h, w) == side:
         return image
-    size = [side, max(1, round(w * side / h))] if h <= w else [max(1, round(h * side / w)), side]
-    return TF.resize(image, size, antialias=True)
+    return _resize(image, shorter_size(h, w, side))
 
 
 def _randint(low: int, high: int, g: torch.Generator) -> int:
@@ -72,15 +87,59 @@ def _randint(low: int, high: int, g: torch.Generator) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=g))
 
 
+def draw_side(g: torch.Generator, scale: tuple[int, int] = SCALE_RANGE) -> int:
+    """Sec. 3.4's shorter side, uniform in [256, 480]: scale_draws's first draw."""
+    return _randint(*scale, g)
+
+
+def scale_draws(height: int, width: int, g: torch.Generator,
+                scale: tuple[int, int] = SCALE_RANGE,
+                crop: int = CROP) -> tuple[int, int, int, bool]:
+    """Sec. 3.4's draws for an image of this size: the shorter side uniform in [256, 480], the
+    window's top row and left column in the image scaled to it, and the flip, in that order."""
+    side = draw_side(g, scale)
+    h, w = shorter_size(height, width, side)
+    top, left = _randint(0, h - crop, g), _randint(0, w - crop, g)
+    return side, top, left, bool(_randint(0, 1, g))
+
+
+def _span(start: int, crop: int, size: int, scaled: int) -> tuple[int, int, int]:
+    """The source rows (or columns) [first, last) that the scaled image's [start, start + crop)
+    is resampled from, with the antialiasing filter's support, and `first`'s place in the
+    scaled image."""
+    step = size / scaled  # source pixels per scaled pixel
+    reach = max(step, 1.0) + 1  # the filter's support, and a pixel for rounding
+    first = max(0, int((start + 0.5) * step - 0.5 - reach))
+    last = min(size, int((start + crop - 0.5) * step - 0.5 + reach) + 2)
+    return first, last, round(first / step)
+
+
+def _window(image: torch.Tensor, scaled: tuple[int, int], top: int, left: int,
+            crop: int) -> torch.Tensor:
+    """The crop x crop window at (top, left) of the image scaled to `scaled`, resizing only the
+    source region under it (1.2-2x faster than scaling the whole image, which is then mostly
+    thrown away). Equal to cropping the whole scaled image up to a shift of the sampling grid by
+    at most one scaled pixel (the region's start falls between scaled pixels)."""
+    h, w = image.shape[-2:]
+    if (h, w) == scaled:
+        return image[:, top:top + crop, left:left + crop]
+    r0, r1, y = _span(top, crop, h, scaled[0])
+    c0, c1, x = _span(left, crop, w, scaled[1])
+    size = [max(crop, round((r1 - r0) * scaled[0] / h)),
+            max(crop, round((c1 - c0) * scaled[1] / w))]
+    region = _resize(image[:, r0:r1, c0:c1], size)
+    y, x = min(top - y, size[0] - crop), min(left - x, size[1] - crop)
+    return region[:, y:y + crop, x:x + crop]
+
+
 def scale_view(image: torch.Tensor, g: torch.Generator, scale: tuple[int, int] = SCALE_RANGE,
                crop: int = CROP) -> torch.Tensor:
     """Sec. 3.4: shorter side uniform in [256, 480], a random crop x crop window, flipped with
-    probability 1/2. Draws, in order: the side, the row, the column, the flip."""
-    image = resize_shorter(image, _randint(*scale, g))
+    probability 1/2 (scale_draws)."""
     h, w = image.shape[-2:]
-    top, left = _randint(0, h - crop, g), _randint(0, w - crop, g)
-    view = image[:, top:top + crop, left:left + crop]
-    return view.flip(-1) if _randint(0, 1, g) else view
+    side, top, left, flip = scale_draws(h, w, g, scale, crop)
+    view = _window(image, shorter_size(h, w, side), top, left, crop)
+    return view.flip(-1) if flip else view
 
 
 def resized_crop_box(height: int, width: int, g: torch.Generator,

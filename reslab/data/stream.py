@@ -26,6 +26,7 @@ from .photo_augment import (
     TEST_SIZE,
     centre_view,
     check_size,
+    draw_side,
     lighting,
     scale_view,
     torchvision_view,
@@ -47,10 +48,10 @@ class StreamedBatch:
     skipping: bool = True
 
 
-def _decoded(path: str) -> torch.Tensor | str:
+def _decoded(path: str, shorter_at_least: int | None = None) -> torch.Tensor | str:
     """The image, or the message naming why it is bad (sent back to the main process)."""
     try:
-        image = decode_rgb(path)
+        image = decode_rgb(path, shorter_at_least)
         check_size(image, path)
     except DataError as e:
         return str(e)
@@ -70,12 +71,16 @@ class _TrainViews(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         path, label = self.items[index]
-        image = _decoded(path)
+        g = view_generator(self.seed, epoch, index)
+        scale = self.augmentation == "scale"
+        # The shorter side scale_view will draw first (a generator replayed), so that a large
+        # JPEG is decoded only as large as that needs.
+        side = draw_side(view_generator(self.seed, epoch, index)) if scale else None
+        image = _decoded(path, side)
         if isinstance(image, str):
             return image
-        g = view_generator(self.seed, epoch, index)
-        view = (scale_view if self.augmentation == "scale" else torchvision_view)(image, g)
-        return view.contiguous(), label, lighting(g) if self.colour else None
+        view = (scale_view if scale else torchvision_view)(image, g)
+        return view, label, lighting(g) if self.colour else None
 
 
 class _Order:
@@ -100,8 +105,13 @@ def _collate(samples: list, skipping: bool) -> StreamedBatch:
         return StreamedBatch(torch.empty(0, 3, CROP, CROP, dtype=torch.uint8),
                              torch.empty(0, dtype=torch.int64), None, bad, skipping)
     light = None if good[0][2] is None else torch.stack([s[2] for s in good])
-    return StreamedBatch(torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]),
-                         light, bad, skipping)
+    images = torch.empty(len(good), 3, CROP, CROP, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        # In a worker, straight into shared memory (as default_collate does): sending the batch
+        # to the main process then copies no pixels.
+        images.share_memory_()
+    torch.stack([s[0] for s in good], out=images)
+    return StreamedBatch(images, torch.tensor([s[1] for s in good]), light, bad, skipping)
 
 
 class _Collate:  # a class, not a closure: worker processes pickle it
