@@ -218,11 +218,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = recipe.with_iterations(args.iterations)
     if args.milestones is not None:
         recipe = replace(recipe, milestones=tuple(args.milestones))
+    finetune = _finetune_fields(args)
     spec = RunSpec(
         model=args.model, data=_data_spec(args.data), recipe=recipe, shortcut=args.shortcut,
-        layout=args.layout, layers_per_block=args.layers_per_block,
+        layout=finetune.pop("layout", args.layout), layers_per_block=args.layers_per_block,
         zero_init_residual=args.zero_init_residual, in_channels=args.in_channels,
-        num_classes=args.num_classes,
+        num_classes=args.num_classes, **finetune,
     )
     options = _train_options(args)
     # Device, model and run folder first: a mistake there is reported before the data is read.
@@ -252,6 +253,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_fields(args: argparse.Namespace) -> dict:
+    """RunSpec's init_from, init_sha256, freeze (and layout) from --init-from, --freeze and
+    --linear-probe."""
+    from .models import IMAGENET_STAGES, model_family, part_names
+
+    fields: dict = {}
+    if args.freeze is not None and args.linear_probe:
+        raise UsageError("give --freeze or --linear-probe, not both")
+    if args.linear_probe:
+        fields["freeze"] = tuple(part_names(args.model)[:-1])  # everything but fc
+    elif args.freeze is not None:
+        fields["freeze"] = tuple(p.strip() for p in args.freeze.split(",") if p.strip())
+    if (args.freeze is not None or args.linear_probe) and args.init_from is None:
+        print("note: freezing parts of a freshly initialised network trains only the rest "
+              "on random features; --init-from gives them trained weights", file=sys.stderr)
+    if args.init_from is not None:
+        from .finetune import TORCH_SUFFIXES, file_digest, resolve_source
+
+        source = resolve_source(args.init_from)
+        fields.update(init_from=str(source), init_sha256=file_digest(source))
+        depth = int("".join(c for c in args.model if c.isdigit()) or 0)
+        if source.suffix in TORCH_SUFFIXES and args.layout is None and \
+                model_family(args.model) == "imagenet" and \
+                IMAGENET_STAGES.get(depth, ("",))[0] == "bottleneck":
+            # torchvision's ResNets put the bottleneck's stride on its 3x3 (v1.5).
+            fields["layout"] = "v1.5"
+            print(f"note: {source.name} is read as a torchvision state dict: layout v1.5",
+                  file=sys.stderr)
+    return fields
+
+
 def _report_left_out(data) -> None:  # noqa: ANN001 (a data.Dataset; data imports torch)
     """Say which files a data set left out: bad images skipped, files that are not images."""
     skipped = getattr(data, "skipped_files", ())  # a streamed tree meets its bad images later
@@ -276,7 +308,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .train import load_trained
 
-    model, mean, std, spec, names = load_trained(args.run, device=args.device)
+    model, mean, std, spec, names, _ = load_trained(args.run, device=args.device)
     data = open_data(args.data, skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
     if data.in_channels != model.conv1.in_channels:
@@ -338,6 +370,56 @@ def _eval_tree(args, model, mean, std, spec, tree, precision) -> int:  # noqa: A
               f"{100 * r['top1_error']:.2f}%, top-5 error {100 * r['top5_error']:.2f}% "
               f"({r['images']} images, {precision})")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k classes per image; exit 1 if any image could not be predicted."""
+    import numpy as np
+
+    from .predict import Prediction, class_name, list_images, open_predictor, predict
+
+    predictor = open_predictor(args.run, device=args.device, precision=args.precision)
+    files = list_images(args.images)
+    done: list[Prediction] = []
+    failed: list[tuple[str, str]] = []
+    for result in predict(predictor, files, top_k=args.top_k, protocol=args.protocol,
+                          batch_size=args.batch_size, features=args.features is not None):
+        if isinstance(result, Prediction):
+            done.append(result)
+            if not args.json:
+                print(f"{result.path}  " + "  ".join(
+                    f"{class_name(predictor, i)} ({100 * p:.1f}%)" for i, p in result.top))
+        else:
+            failed.append(result)
+            print(f"reslab predict: {result[1]}", file=sys.stderr)
+    # Images in folders named after the model's classes (a test/ split): their top-1 error.
+    labelled = [(r, Path(r.path).parent.name) for r in done]
+    known = predictor.classes is not None and bool(labelled) and all(
+        name in predictor.classes for _, name in labelled)
+    error = None
+    if known:
+        error = sum(class_name(predictor, r.top[0][0]) != name for r, name in labelled) / len(done)
+    if args.features is not None and done:
+        np.save(args.features, np.stack([r.features for r in done]).astype(np.float32))
+        rows = Path(args.features).with_suffix(".txt")
+        rows.write_text("".join(f"{r.path}\n" for r in done))
+        print(f"features ({len(done)} x {done[0].features.shape[0]}) in {args.features}, their "
+              f"images in order in {rows}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "model": str(args.run), "protocol": args.protocol,
+            "predictions": [{"path": r.path, "top": [
+                {"class": class_name(predictor, i), "index": i, "probability": p}
+                for i, p in r.top]} for r in done],
+            "failed": [{"path": path, "error": message} for path, message in failed],
+            **({"top1_error": error} if error is not None else {}),
+        }))
+    else:
+        tail = f"; {len(failed)} could not be read" if failed else ""
+        where = (f"; top-1 error {100 * error:.2f}% (their folders name their classes)"
+                 if error is not None else "")
+        print(f"{len(done)} image(s) predicted{tail}{where}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -524,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(required)")
     p.add_argument("--recipe", default="cifar10",
                    help="named recipe: cifar10 (Sec. 4.2), quick, imagenet (Sec. 3.4: lr "
-                   "divided on plateaus) or imagenet-step (÷10 at epochs 30 and 60 of 90) "
-                   "(default: cifar10)")
+                   "divided on plateaus), imagenet-step (÷10 at epochs 30 and 60 of 90) or "
+                   "finetune (lr 0.01, 4,000 iterations; for --init-from) (default: cifar10)")
     p.add_argument("--augmentation", choices=("pad-crop-flip", "scale", "torchvision"),
                    help="pad-crop-flip (Sec. 4.2), scale (Sec. 3.4: shorter side in [256, 480], "
                    "224 crop, flip, PCA lighting) or torchvision (RandomResizedCrop) (default: "
@@ -571,6 +653,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier outputs (default: the data's classes)")
     p.add_argument("--zero-init-residual", action="store_true",
                    help="zero each block's last BN scale (not the paper's; default: off)")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="start from trained weights: a finished run folder, a reslab "
+                   "model.safetensors or a torchvision state dict (.pth, read without running "
+                   "code); a classifier of another size is re-initialised (default: He init)")
+    p.add_argument("--freeze", metavar="PARTS",
+                   help="comma-separated parts kept fixed, BN statistics included: stem, "
+                   "conv2_x, conv3_x, conv4_x (, conv5_x on ImageNet nets) (default: none)")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="freeze everything but the classifier (fc) (default: off)")
     _run_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_train)
@@ -593,6 +684,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_count,
                    help="loader processes for streamed images (default: one per core, at most 8)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="the top-k classes of images, from a trained run or its "
+                       "exported .onnx")
+    p.add_argument("run", type=Path, help="finished run folder, its model.safetensors, or an .onnx "
+                   "exported from one")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files, or folders searched for images")
+    p.add_argument("--top-k", type=_positive_int, default=5,
+                   help="classes shown per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
+    p.add_argument("--protocol", choices=("centre", "10-crop"), default="centre",
+                   help="for runs trained on photographs: the centre 224 crop or 10 crops "
+                   "(Sec. 3.4) (default: centre)")
+    p.add_argument("--features", type=Path, metavar="OUT.npy",
+                   help="also write each image's pooled feature vector (the classifier's input) "
+                   "to OUT.npy, its images in order in OUT.txt (default: off)")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="images per forward pass (default: 64)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
+    p.add_argument("--precision", choices=("bf16", "fp32"),
+                   help="(default: the run's training precision, as reslab eval)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="check an image folder (decode every image, list the bad) or "
                        "time its loader against torchvision's")

@@ -210,21 +210,91 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{s}") for s in range(1, self.num_stages + 1)]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_names(self) -> list[str]:
+        """The paper's names of the stages' outputs (Table 1): conv2_x, conv3_x, ... (a CIFAR
+        net's three stages are conv2_x to conv4_x)."""
+        return [f"conv{s + 1}_x" for s in range(1, self.num_stages + 1)]
+
+    def stage_channels(self) -> dict[str, int]:
+        """Channels of each stage's output, by stage name."""
+        return {name: block_out_channels(stage[-1])
+                for name, stage in zip(self.stage_names(), self.stages(), strict=True)}
+
+    def forward_stages(self, x: torch.Tensor, stages: Sequence[str] | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """The outputs of the named stages (default: all), in order: conv1 (the stem's conv,
+        BN and ReLU), conv2_x (from the max pool on, as Table 1 counts it), ...: the feature
+        maps a detector's backbone hands on (Sec. 4.3, the appendix's Faster R-CNN)."""
+        names = ["conv1", *self.stage_names()]
+        wanted = names if stages is None else list(stages)
+        if unknown := [n for n in wanted if n not in names]:
+            raise ValueError(f"unknown stage {unknown[0]!r} of {self.num_stages + 1}-stage "
+                             f"network; valid: {', '.join(names)}")
+        out: dict[str, torch.Tensor] = {}
+        if not wanted:
+            return out
+        x = self.relu(self.bn1(self.conv1(x)))
+        if "conv1" in wanted:
+            out["conv1"] = x
+        x = self.maxpool(x)
+        last = max(names.index(n) for n in wanted)
+        for name, stage in zip(names[1:last + 1], self.stages(), strict=False):
+            x = self._run_stage(stage, x)
+            if name in wanted:
+                out[name] = x
+        return out
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            for block in stage:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=_RecomputeContexts(block))
+            return x
+        return stage(x)
+
+    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature maps, before pooling."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in self.stages():
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                for block in stage:
-                    x = checkpoint(
-                        block, x, use_reentrant=False, context_fn=_RecomputeContexts(block)
-                    )
-            else:
-                x = stage(x)
+            x = self._run_stage(stage, x)
         return x
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled feature vector (N, num_features): what the classifier sees."""
+        return torch.flatten(self.avgpool(self.forward_maps(x)), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(self.forward_features(x))
+
+    # Fine-tuning: parts by the paper's names.
+    def part_names(self) -> list[str]:
+        """What freeze() takes: stem (conv1 and its BN), the stages, fc."""
+        return ["stem", *self.stage_names(), "fc"]
+
+    def _part(self, name: str) -> list[nn.Module]:
+        if name == "stem":
+            return [self.conv1, self.bn1]
+        if name == "fc":
+            return [self.fc]
+        return [self.stages()[self.stage_names().index(name)]]
+
+    def freeze(self, parts: Sequence[str]) -> None:
+        """Fix the named parts: no gradients, and their BN layers stay in eval mode (running
+        statistics unchanged, the stored ones used) however train() is called."""
+        if unknown := [p for p in parts if p not in self.part_names()]:
+            raise ValueError(f"cannot freeze {unknown[0]!r}: the parts of this network are "
+                             f"{', '.join(self.part_names())}")
+        self.frozen = tuple(dict.fromkeys(parts))
+        for name in self.frozen:
+            for module in self._part(name):
+                module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ResNet:
+        super().train(mode)
+        for name in getattr(self, "frozen", ()):
+            for module in self._part(name):
+                module.eval()
+        return self
 
 
 def block_out_channels(block: ResidualBlock) -> int:
@@ -288,6 +358,13 @@ def default_shortcut(name: str) -> str:
     if m.group(2) == "plain":
         return "none"
     return "A" if model_family(name) == "cifar" else "B"
+
+
+def part_names(name: str) -> list[str]:
+    """The parts of a named network that --freeze takes (ResNet.part_names), without building
+    it: stem, its stages (three on CIFAR, four on ImageNet), fc."""
+    stages = 3 if model_family(name) == "cifar" else 4
+    return ["stem", *(f"conv{s + 1}_x" for s in range(1, stages + 1)), "fc"]
 
 
 def _unknown(name: str) -> str:

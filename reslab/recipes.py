@@ -99,7 +99,8 @@ class Recipe:
         scale = iterations / self.iterations
         return replace(
             self, iterations=iterations,
-            milestones=tuple(round(m * scale) for m in self.milestones),
+            # At least 1: a very short run (--iterations 1) would otherwise round one to 0.
+            milestones=tuple(max(1, round(m * scale)) for m in self.milestones),
         )
 
     def with_epochs(self, epochs: float, train_size: int) -> Recipe:
@@ -184,6 +185,11 @@ RECIPES: dict[str, Recipe] = {
     "imagenet-step": Recipe(name="imagenet-step", batch_size=256, iterations=450_360,
                             milestones=(150_120, 300_240), augmentation="scale", pad=0,
                             eval_every=5_005, checkpoint_every=1_000),
+    # Fine-tuning from trained weights (--init-from): a tenth of the paper's lr (the weights are
+    # already where a from-scratch run ends its first stage) and a short schedule, 4,000
+    # iterations (~10 epochs of 50k images at 128) divided at half and three quarters.
+    "finetune": Recipe(name="finetune", lr=0.01, iterations=4_000, milestones=(2_000, 3_000),
+                       eval_every=500, checkpoint_every=500),
 }
 
 

@@ -83,6 +83,11 @@ _RUN_FILES = ("recipe.json", "env.json", METRICS, SUMMARY, WEIGHTS, "tb", LOCK, 
               ".*.tmp*", "model.*.safetensors", "summary.*.json")
 
 
+# Top-level spec fields added after run folders existed, with the defaults that mean what such a
+# folder did (train.RunSpec).
+ADDED_SPEC_FIELDS: dict[str, Any] = {"init_from": None, "init_sha256": None, "freeze": []}
+
+
 def check_run_folder(run_dir: Path, spec_dict: dict[str, Any]) -> int | None:
     """Refuse a folder holding a different run or other files; return the iterations of the
     run being extended (the same run asked for more iterations on the same schedule), else
@@ -102,6 +107,7 @@ def check_run_folder(run_dir: Path, spec_dict: dict[str, Any]) -> int | None:
         # A recipe.json written before a field existed means that field's default (every field
         # added since keeps the old behaviour as its default).
         old["recipe"] = json.loads(json.dumps(Recipe.from_dict(old["recipe"]).as_dict()))
+        old = {**ADDED_SPEC_FIELDS, **old}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise RunFolderError(f"{path} is unreadable ({e}); restore it, or use a new --out") from e
     if _result_part(old) == _result_part(spec_dict):
@@ -336,12 +342,13 @@ class RunFolder:
 
 def weights_metadata(spec_dict: dict[str, Any], in_channels: int, num_classes: int,
                      mean: torch.Tensor, std: torch.Tensor | None,
-                     classes: tuple[str, ...]) -> dict[str, Any]:
-    """What model.safetensors carries besides the weights: enough to rebuild and feed it, and
-    the training data's class names (output i is classes[i])."""
+                     classes: tuple[str, ...], input_size: tuple[int, int]) -> dict[str, Any]:
+    """What model.safetensors carries besides the weights: enough to rebuild and feed it (the
+    size of the images it was trained on: a streamed tree's crops), and the training data's
+    class names (output i is classes[i])."""
     return {
         "spec": spec_dict, "in_channels": in_channels, "num_classes": num_classes,
-        "classes": list(classes),
+        "classes": list(classes), "input_size": list(input_size),
         "normalization": {"mean": mean.cpu().tolist(),
                           "std": None if std is None else std.cpu().tolist()},
     }

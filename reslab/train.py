@@ -81,16 +81,23 @@ class RunSpec:
     zero_init_residual: bool = False
     in_channels: int | None = None  # None: follow the data
     num_classes: int | None = None  # None: follow the data
+    # Fine-tuning (finetune.py): the weights file started from and its SHA-256, and the parts
+    # (models.ResNet.part_names) kept fixed.
+    init_from: str | None = None
+    init_sha256: str | None = None
+    freeze: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["recipe"] = self.recipe.as_dict()
+        d["freeze"] = list(self.freeze)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
         d = dict(d)
         d["recipe"] = Recipe.from_dict(d["recipe"])
+        d["freeze"] = tuple(d.get("freeze", ()))
         return cls(**d)
 
 
@@ -208,8 +215,11 @@ def train(
             zero_init_residual=spec.zero_init_residual,
             gradient_checkpointing=o.gradient_checkpointing,
         )
+        init_notes = _initialise(model, spec)
         if o.sync_bn:
             model = sync_batch_norm(model, dev)
+        if spec.freeze:  # after sync_batch_norm, which makes new BN modules on a CPU
+            model.freeze(spec.freeze)
         model = model.to(dev).to(memory_format=MEMORY_FORMAT)
         optimizer = make_optimizer(model, recipe, dev)
         stream = BatchStream(feed.n_train, recipe.batch_size, recipe.seed)
@@ -235,6 +245,9 @@ def train(
                 print(f"{world.size} ranks, {recipe.batch_size // world.size} images each of the "
                       f"global batch of {recipe.batch_size}"
                       + (", BN synchronised" if o.sync_bn else ", BN statistics per rank"))
+            if state is None:
+                for note in init_notes:
+                    print(note)
             if state is not None:
                 more = f", extended from {extends}" if extends is not None else ""
                 print(f"resuming {folder.path} from {path.name} (iteration {step}/"
@@ -339,8 +352,11 @@ def train(
         summary = None
         if main:
             summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
+            from .data.photo_augment import CROP
+
+            size = (CROP, CROP) if isinstance(data, ImageTree) else data.image_size
             folder.finish(model.state_dict(), weights_metadata(
-                spec_dict, in_channels, num_classes, mean, std, feed.classes), summary)
+                spec_dict, in_channels, num_classes, mean, std, feed.classes, size), summary)
         return broadcast(world, summary, dev)
 
 
@@ -368,10 +384,32 @@ def check_model_options(spec: RunSpec) -> None:
     """The model's options are valid (ValueError otherwise): built on the meta device, which
     costs no memory and no time, so a bad combination is refused before the data is read."""
     with torch.device("meta"):
-        build_model(spec.model, num_classes=spec.num_classes or 10,
-                    in_channels=spec.in_channels or 3, shortcut=spec.shortcut,
-                    layout=spec.layout, layers_per_block=spec.layers_per_block,
-                    zero_init_residual=spec.zero_init_residual)
+        model = build_model(spec.model, num_classes=spec.num_classes or 10,
+                            in_channels=spec.in_channels or 3, shortcut=spec.shortcut,
+                            layout=spec.layout, layers_per_block=spec.layers_per_block,
+                            zero_init_residual=spec.zero_init_residual)
+        if spec.freeze:
+            model.freeze(spec.freeze)
+            if set(model.part_names()) <= set(spec.freeze):
+                raise ValueError("--freeze covers every part of the network: nothing would "
+                                 "train; leave fc (or more) out of it")
+    if spec.init_from is not None:  # readable, and a state dict: before the data is read
+        from .finetune import check_init, load_source
+
+        load_source(check_init(spec.init_from, spec.init_sha256))
+
+
+def _initialise(model: torch.nn.Module, spec: RunSpec) -> list[str]:
+    """--init-from: the source's weights in `model` (a resumed run's checkpoint then replaces
+    them); notes for the user."""
+    if spec.init_from is None:
+        return []
+    from .finetune import check_init, initialise, load_source
+
+    source = check_init(spec.init_from, spec.init_sha256)
+    notes = initialise(model, load_source(source), source)
+    frozen = f" ({', '.join(spec.freeze)} frozen)" if spec.freeze else ""
+    return [f"initialised from {source}{frozen}", *notes]
 
 
 def _kept(folder: RunFolder) -> str:
@@ -444,6 +482,7 @@ def _summary(spec: RunSpec, model: torch.nn.Module, folder: RunFolder, env: dict
         "iterations": recipe.iterations,
         "seed": recipe.seed,
         "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "precision": recipe.precision,
         "final_train_error": final["train_error"],
         "final_test_error": final["test_error"],
@@ -468,14 +507,15 @@ def _detail(error: Exception) -> str:
 
 class Trained(NamedTuple):
     """A trained model and what feeding it takes: the training split's normalisation, the
-    spec, and the class names (output i is classes[i]; None for weights written before they
-    were saved)."""
+    spec, the class names (output i is classes[i]; None for weights written before they
+    were saved) and the (H, W) of the images it was trained on (None where not recorded)."""
 
     model: torch.nn.Module
     mean: torch.Tensor
     std: torch.Tensor | None
     spec: RunSpec
     classes: tuple[str, ...] | None
+    input_size: tuple[int, int] | None = None
 
 
 def load_trained(path: Path, device: str = "cpu") -> Trained:
@@ -507,6 +547,8 @@ def load_trained(path: Path, device: str = "cpu") -> Trained:
         classes = None if meta.get("classes") is None else tuple(map(str, meta["classes"]))
         if classes is not None and len(classes) > meta["num_classes"]:
             raise ValueError(f"{len(classes)} class names for {meta['num_classes']} outputs")
+        size = meta.get("input_size") or (mean.shape[1:] if mean.ndim == 3 else None)
+        input_size = None if size is None else (int(size[0]), int(size[1]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{weights} has malformed reslab metadata or weights ({type(e).__name__}: "
@@ -515,5 +557,5 @@ def load_trained(path: Path, device: str = "cpu") -> Trained:
     dev = resolve_device(device)
     model = model.to(dev).to(memory_format=torch.channels_last).eval()
     mean, std = mean.to(dev), (None if std is None else std.to(dev))
-    return Trained(model, mean, std, spec, classes)
+    return Trained(model, mean, std, spec, classes, input_size)
 

@@ -361,13 +361,16 @@ def test_a_finished_run_extends_to_more_iterations_on_the_same_schedule(tmp_path
 
 
 def test_a_run_folder_from_before_a_recipe_field_existed_still_resumes(tmp_path, finished):
-    """recipe.json written before accumulate, augmentation, lr_policy and plateau_patience
-    existed: those fields mean their defaults, so the run is the same run."""
+    """recipe.json written before accumulate, augmentation, lr_policy and plateau_patience (and
+    the spec's init_from, init_sha256 and freeze) existed: those fields mean their defaults, so
+    the run is the same run."""
     run = tmp_path / "run"
     shutil.copytree(finished.run, run)
     spec = json.loads((run / "recipe.json").read_text())
     for name in ("accumulate", "augmentation", "lr_policy", "plateau_patience"):
         del spec["recipe"][name]
+    for name in ("init_from", "init_sha256", "freeze"):  # the spec's own fields, likewise
+        del spec[name]
     (run / "recipe.json").write_text(json.dumps(spec))
     done = train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert done["iterations"] == 20  # finished, not refused as a different run

@@ -92,7 +92,7 @@ def test_tiny_end_to_end_run_folder_and_eval(tmp_path, tiny_data, capsys):
     from reslab.evaluate import evaluate
     from reslab.train import load_trained
 
-    model, mean, std, spec, _ = load_trained(run)
+    model, mean, std, spec, *_ = load_trained(run)
     err, loss = evaluate(model, tiny_data.test_images, tiny_data.test_labels, mean, std,
                          precision=spec.recipe.precision, memory_format=torch.channels_last)
     assert err == evals[-1]["test_error"] and loss == pytest.approx(evals[-1]["test_loss"])

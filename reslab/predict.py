@@ -1,0 +1,188 @@
+"""`reslab predict`: the top-k classes of image files, from a trained run, its model.safetensors
+or its exported .onnx, each image prepared exactly as that run's evaluation prepares its data.
+
+Two kinds of run, as evaluation knows them: nets trained on images held in memory (CIFAR-style,
+Sec. 4.2) see an image as trained (its channels made the run's, scaled to the training size if
+it differs); nets trained on a streamed tree of photographs (Sec. 3.4's scale augmentation) see
+the run's test protocol: the centre 224 crop of the image with its shorter side at 256, or the
+ten crops, scores averaged (protocols.evaluate_tree's order of operations). A bad file is
+reported by name and the others are still predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DataError, normalize
+from .data.folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _decode_image
+from .data.photo_augment import CROP, TEST_SIZE, centre_view, ten_views
+from .data.tree import decode_rgb
+from .evaluate import autocast
+
+PROTOCOLS = ("centre", "10-crop")
+
+
+@dataclass
+class Predictor:
+    """What predicting takes: a function from prepared uint8 images (N, C, H, W) to logits (and
+    optionally to pooled features), and how images are prepared for it."""
+
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    features: Callable[[torch.Tensor], torch.Tensor] | None
+    classes: tuple[str, ...] | None
+    in_channels: int
+    input_size: tuple[int, int]
+    photos: bool  # prepared by the Sec. 3.4 test protocol, not as trained in memory
+    name: str
+
+
+def open_predictor(source: Path, *, device: str = "cpu", precision: str | None = None
+                   ) -> Predictor:
+    """A Predictor for a run folder, a model.safetensors, or an .onnx exported from one."""
+    source = Path(source)
+    if source.suffix == ".onnx":
+        if precision not in (None, "fp32"):
+            raise ValueError(f"--precision {precision}: an ONNX model runs in the precision it "
+                             "was exported in (fp32)")
+        from .export import load_onnx
+
+        onnx = load_onnx(source)
+        return Predictor(onnx, None, onnx.classes, onnx.in_channels, onnx.input_size,
+                         onnx.photos, source.name)
+    from .models import model_family
+    from .train import load_trained
+
+    trained = load_trained(source, device=device)
+    model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
+    family = model_family(spec.model)
+    photos = spec.recipe.augmentation != "pad-crop-flip"
+    size = trained.input_size or ((CROP, CROP) if photos or family == "imagenet" else (32, 32))
+    precision = precision or spec.recipe.precision
+    dev = next(model.parameters()).device
+
+    def prepared(x: torch.Tensor) -> torch.Tensor:
+        m = mean
+        if m.ndim == 3 and tuple(m.shape[1:]) != tuple(x.shape[-2:]):
+            m = m.mean((1, 2))  # as protocols._prepare: a per-pixel mean at another size
+        return normalize(x.to(dev), m, std).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        with autocast(dev, precision):
+            return model(prepared(x)).float().cpu()
+
+    @torch.no_grad()
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with autocast(dev, precision):
+            return model.forward_features(prepared(x)).float().cpu()
+
+    return Predictor(logits, features, trained.classes, model.conv1.in_channels, size, photos,
+                     spec.model)
+
+
+def list_images(paths: Sequence[Path]) -> list[Path]:
+    """The image files named, and those under the folders named (recursively, sorted); a
+    clear error for a path that does not exist or a folder without images."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and p.suffix.lower() in _IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"{path} holds no images ({'/'.join(_IMAGE_SUFFIXES)})")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"no such image or folder: {path}")
+    return files
+
+
+def _as_trained(path: Path, predictor: Predictor) -> torch.Tensor:
+    """uint8 (C, H, W) of a small image as a memory-trained run's evaluation sees its data: the
+    run's channels (RGB to grey by PIL's ITU-R 601 luma, grey to RGB by repetition), at the
+    training size (antialiased bilinear when the file's differs)."""
+    from PIL import Image
+
+    array = _decode_image(path)
+    if predictor.in_channels == 1 and array.ndim == 3:
+        array = np.asarray(Image.fromarray(array).convert("L"))
+    image = torch.from_numpy(np.array(array))
+    image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+    if predictor.in_channels == 3 and image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    if image.shape[0] != predictor.in_channels:
+        raise DataError(f"{path} has {image.shape[0]} channels; the model takes "
+                        f"{predictor.in_channels}")
+    if tuple(image.shape[-2:]) != predictor.input_size:
+        image = F.interpolate(image[None].float(), size=predictor.input_size, mode="bilinear",
+                              antialias=True, align_corners=False)[0].round().clamp(0, 255)
+        image = image.to(torch.uint8)
+    return image.contiguous()
+
+
+def _views(path: Path, predictor: Predictor, protocol: str) -> torch.Tensor:
+    """(V, C, H, W) uint8: the views of one image its run's evaluation would score."""
+    if not predictor.photos:
+        return _as_trained(path, predictor)[None]
+    image = decode_rgb(str(path))
+    if protocol == "10-crop":
+        return ten_views(image, TEST_SIZE, CROP)
+    return centre_view(image, TEST_SIZE, CROP)[None].contiguous()
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[int, float]]  # (class index, probability), best first
+    features: np.ndarray | None = None
+
+
+def predict(predictor: Predictor, files: Sequence[Path], *, top_k: int = 5,
+            protocol: str = "centre", batch_size: int = 64, features: bool = False
+            ) -> Iterator[Prediction | tuple[str, str]]:
+    """For each file in order, its Prediction, or (path, message) for a bad one."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown --protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if protocol != "centre" and not predictor.photos:
+        raise ValueError(f"--protocol {protocol} is for runs trained on photographs (Sec. 3.4); "
+                         f"{predictor.name} was trained on images as they are (Sec. 4.2)")
+    if features and predictor.features is None:
+        raise ValueError("--features needs the PyTorch model (a run folder or model.safetensors), "
+                         "not an exported .onnx")
+    for start in range(0, len(files), batch_size):
+        good, views = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                views.append(_views(path, predictor, protocol))
+                good.append(path)
+            except DataError as e:
+                yield str(path), str(e)
+            except _BAD_IMAGE as e:
+                yield str(path), f"cannot decode image {path}: {e}"
+        if not views:
+            continue
+        x = torch.stack(views)  # (B, V, C, H, W)
+        b, v = x.shape[:2]
+        probs = predictor.logits(x.flatten(0, 1)).softmax(1).view(b, v, -1).mean(1)
+        k = min(top_k, probs.shape[1])
+        best = probs.topk(k, dim=1)
+        pooled = None
+        if features:  # the centre view's (or the image's) feature vector
+            pooled = predictor.features(x[:, 0]).numpy()
+        for i, path in enumerate(good):
+            top = list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True))
+            yield Prediction(str(path), top, None if pooled is None else pooled[i])
+
+
+def class_name(predictor: Predictor, index: int) -> str:
+    if predictor.classes is not None and index < len(predictor.classes):
+        return predictor.classes[index]
+    return str(index)
