@@ -9,13 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .backbone import StageBackbone
     from .models import build_model, list_models
+    from .predict import open_predictor
     from .train import Trained, load_trained
 
-__all__ = ["Trained", "build_model", "list_models", "load_trained"]
+__all__ = ["StageBackbone", "Trained", "build_model", "list_models", "load_trained",
+           "open_predictor"]
 __version__ = "0.1.0"
 _HOMES = {"build_model": "models", "list_models": "models", "Trained": "train",
-          "load_trained": "train"}
+          "load_trained": "train", "StageBackbone": "backbone", "open_predictor": "predict"}
 
 
 def __getattr__(name: str) -> Any:

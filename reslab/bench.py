@@ -18,11 +18,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from .complexity import describe
 from .data import BatchStream, pixel_mean
 from .evaluate import autocast
+from .export import fold_batch_norm
 from .models import build_model
 from .recipes import get_recipe
 from .reference import Setup, _images, _sync, matmul_peak, time_training
@@ -233,29 +233,6 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
-def fold_bn(model: nn.Module) -> nn.Module:
-    """A copy for inference with every BatchNorm folded into the conv before it."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from .models import ResidualBlock
-
-    m = copy.deepcopy(model).eval()
-
-    def fold(owner: nn.Module, conv_name: str, bn_name: str) -> None:
-        setattr(owner, conv_name, fuse_conv_bn_eval(getattr(owner, conv_name),
-                                                    getattr(owner, bn_name)))
-        setattr(owner, bn_name, nn.Identity())
-
-    fold(m, "conv1", "bn1")
-    for block in m.modules():
-        if isinstance(block, ResidualBlock):
-            for i in range(1, block.num_layers + 1):
-                fold(block, f"conv{i}", f"bn{i}")
-            if isinstance(block.downsample, nn.Sequential):
-                fold(block.downsample, "0", "1")
-    return m
-
-
 def time_inference(forward: Callable, x: torch.Tensor, precision: str,
                    seconds: float = 2.0) -> float:
     """Median images/s over repeated calls, after warm-up."""
@@ -279,7 +256,7 @@ def bench_infer(name: str, *, batch_size: int = 1, input_size: int | None = None
     model = build_model(name, in_channels=in_channels).eval()
     x = torch.randn(batch_size, in_channels, info.input_size, info.input_size)
     xl = x.contiguous(memory_format=torch.channels_last)
-    folded = fold_bn(model).to(memory_format=torch.channels_last)
+    folded = fold_batch_norm(model).to(memory_format=torch.channels_last)
     with torch.no_grad():
         err = (folded(xl) - model(x)).abs().max().item()
     rows = {"eager fp32": time_inference(model, x, "fp32")}

@@ -422,6 +422,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    path = export_run(args.run, args.format, args.out,
+                      input_size=None if args.input_size is None else tuple(args.input_size))
+    print(f"wrote {path}")
+    return 0
+
+
+def _bench_onnx(args: argparse.Namespace) -> int:
+    """`reslab bench onnx MODEL`: ONNX Runtime against eager and reslab's best PyTorch path."""
+    from .bench_infer import bench_inference
+
+    r = bench_inference(args.model, (args.batch_size,) if args.batch_size else (1, 32),
+                        threads=args.threads, compile_model=not args.no_compile)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    h, w = r["input_size"]
+    print(f"{r['model']} inference at {h}x{w}, {r['threads']} threads, medians of "
+          f"{r['rounds']} rounds")
+    for row in r["batches"].values():
+        print(f"  batch {row['batch_size']}:")
+        for k, v in row["paths"].items():
+            print(f"    {k:<34} {v['images_per_second']:>9.1f} img/s  x{v['vs_eager_fp32']:.2f}")
+        print(f"    reslab's best: {row['reslab_best_path']}")
+    agree = r["top1_vs_eager_fp32_random_images"]
+    for k, v in agree["paths"].items():
+        print(f"  top-1 vs eager fp32 on {agree['images']} random images, {k}: "
+              f"{100 * v['top1_agreement']:.2f}%")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """`reslab data check DIR`: decode every image before a long run; `reslab data bench DIR`:
     the loader's images/s against torchvision's on those files."""
@@ -483,6 +516,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.mode == "onnx":
+        return _bench_onnx(args)
     if args.mode == "photos":
         from .bench_photos import bench_train_photos
         from .feed import default_workers
@@ -708,6 +743,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default: the run's training precision, as reslab eval)")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("export", help="a trained run as one file: ONNX or a torch.export program")
+    p.add_argument("run", type=Path, help="finished run folder or its model.safetensors")
+    p.add_argument("--format", required=True, choices=("onnx", "torch-export"),
+                   help="onnx (for ONNX Runtime: uint8 (N, C, H, W) images in, the run's "
+                   "normalisation and the BN-folded network inside) or torch-export (.pt2)")
+    p.add_argument("--out", type=Path,
+                   help="output file (default: model.onnx or model.pt2 beside the weights)")
+    p.add_argument("--input-size", type=_positive_int, nargs=2, metavar=("H", "W"),
+                   help="image size the export takes (default: the run's training size)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("data", help="check an image folder (decode every image, list the bad) or "
                        "time its loader against torchvision's")
     p.add_argument("action", choices=("check", "bench"), help="check or bench")
@@ -736,11 +782,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("bench", help="training or inference speed vs a plain reference")
-    p.add_argument("mode", choices=("train", "infer", "photos"),
-                   help="train, infer, or photos (training at 224 from an image folder, "
-                   "reslab's loader and step against torchvision's loader and a plain loop)")
+    p.add_argument("mode", choices=("train", "infer", "onnx", "photos"),
+                   help="train, infer (PyTorch's inference paths), onnx (the exported model on "
+                   "ONNX Runtime against eager and reslab's best PyTorch path, batch 1 and 32), "
+                   "or photos (training at 224 from an image folder, reslab's loader and step "
+                   "against torchvision's loader and a plain loop)")
     p.add_argument("model", help="e.g. resnet20, resnet50")
-    p.add_argument("--batch-size", type=_positive_int, help="(default: 128 train, 1 infer)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="(default: 128 train, 1 infer, 1 and 32 onnx, 32 photos)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="onnx: threads for PyTorch and ONNX Runtime (default: all cores)")
     p.add_argument("--steps", type=_positive_int, default=20,
                    help="timed steps per setup, train and photos (default: 20)")
     p.add_argument("--input-size", type=_positive_int,

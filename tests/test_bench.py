@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from reslab import build_model
-from reslab.bench import fold_bn
 from reslab.cli import main
+from reslab.export import fold_batch_norm
 
 
 def test_bn_folding_is_exact_enough():
@@ -21,7 +21,7 @@ def test_bn_folding_is_exact_enough():
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
         x = torch.randn(2, 3, 64, 64)
-        folded = fold_bn(model)
+        folded = fold_batch_norm(model)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         with torch.no_grad():
             assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
@@ -55,7 +55,7 @@ def test_frozen_compiled_inference_computes_the_same():
     torch.manual_seed(0)
     model = build_model("resnet8").eval()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    folded = fold_bn(model).to(memory_format=torch.channels_last)
+    folded = fold_batch_norm(model).to(memory_format=torch.channels_last)
     with inductor_config.patch(freezing=True), torch.no_grad():
         frozen = torch.compile(folded)
         assert torch.allclose(frozen(x), model(x), atol=1e-4, rtol=1e-4)

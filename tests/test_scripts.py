@@ -36,8 +36,8 @@ PYTHON_SCRIPTS = [
     "fashion_mnist/stage1_cost.py",
     "memory/resnet1202.py",
 ]
-SHELL_SCRIPTS = ["bench/allocator/run.sh", "bench/photos.sh", "bench/run.sh",
-                 "bench/torchrun.sh", "cifar10_jpeg.sh", "h200/run.sh"]
+SHELL_SCRIPTS = ["bench/allocator/run.sh", "bench/inference.sh", "bench/photos.sh",
+                 "bench/run.sh", "bench/torchrun.sh", "cifar10_jpeg.sh", "h200/run.sh"]
 MAKE_RUN = ROOT / "results/fashion-mnist/make-run"  # weights the fashion_mnist scripts read
 
 
@@ -250,6 +250,19 @@ def test_photos_sh_dry_run(tmp_path):
     assert _tree(ROOT / "results") == before, "DRY_RUN=1 wrote into results/"
     assert _kinds(commands) == {("data", "bench"), ("bench", "photos")} and len(commands) == 4
     assert not (tmp_path / "photos").exists()  # no files written either
+
+
+def test_inference_sh_dry_run(tmp_path):
+    import reslab.bench_infer
+
+    before = _tree(ROOT / "results")
+    r = subprocess.run(["bash", str(SCRIPTS / "bench/inference.sh")], cwd=ROOT, text=True,
+                       capture_output=True, env={**os.environ, "DRY_RUN": "1"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = [line.removeprefix("python: ") for line in r.stdout.splitlines()]
+    assert _tree(ROOT / "results") == before and len(calls) == 3
+    for call in calls:  # each a function of reslab.bench_infer, called with its arguments
+        assert callable(getattr(reslab.bench_infer, call.split("(")[0]))
 
 
 def test_torchrun_sh_dry_run(tmp_path):
