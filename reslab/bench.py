@@ -26,7 +26,7 @@ from .export import fold_batch_norm
 from .models import build_model
 from .recipes import get_recipe
 from .reference import Setup, _images, _sync, matmul_peak, time_training
-from .runtime import resolve_precision
+from .runtime import resolve_precision, threads
 from .step import MEMORY_FORMAT, Step, Window, build_step, make_optimizer
 from .train import COMPILE_MODES
 
@@ -214,7 +214,7 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
             "gain": batched["images_per_second"] / ref_e2e["images_per_second"],
         }
         if dev.type == "cpu":  # host threads matter little when a GPU runs the step
-            with _threads(1):
+            with threads(1):
                 one = time_training(name, images, labels, Setup(), batch_size,
                                     max(steps // 2, 3), model_only=True)["images_per_second"]
             out["ablation_threads"] = {"1 thread": one,
@@ -223,14 +223,6 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     return out
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def time_inference(forward: Callable, x: torch.Tensor, precision: str,

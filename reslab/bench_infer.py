@@ -10,14 +10,13 @@ every path once, in a rotated order), so a slow spell of a shared machine hits a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from .data import Dataset, load_dataset, normalize, pixel_mean
 from .evaluate import autocast
 from .export import export_onnx, fold_batch_norm, input_size_of, load_onnx
 from .models import build_model, model_family
+from .runtime import threads as torch_threads
 from .train import RunSpec, Trained, load_trained
 
 __all__ = ["agreement_on_run", "bench_inference", "markdown_tables", "random_images", "stand_in",
@@ -90,14 +90,6 @@ def stand_in(name: str, *, in_channels: int = 3, num_classes: int | None = None,
     return Trained(model, mean, std, spec, classes)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _pytorch_paths(trained: Trained, compile_model: bool
@@ -183,7 +175,7 @@ def agreement_on_run(source: Path, data: str | Dataset, *, batch: int = 250,
     each path's top-1 error."""
 
     threads = threads or len(os.sched_getaffinity(0))
-    with _threads(threads), tempfile.TemporaryDirectory() as tmp:
+    with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
         trained = load_trained(Path(source))
         test = load_dataset(data) if isinstance(data, str) else data
         ort = load_onnx(export_onnx(trained, Path(tmp) / "model.onnx"), threads=threads)
@@ -226,7 +218,7 @@ def bench_inference(model: str, batch_sizes: tuple[int, ...] = (1, 32), *,
         "model": model, "threads": threads, "rounds": rounds, "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "batches": {},
     }
-    with _threads(threads), tempfile.TemporaryDirectory() as tmp:
+    with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
         trained = stand_in(model)
         size = input_size_of(trained)
         out["input_size"], out["num_classes"] = list(size), trained.model.fc.out_features

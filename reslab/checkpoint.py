@@ -150,17 +150,23 @@ def save_checkpoint(
     return path
 
 
-def safe_load(path: Path) -> dict[str, Any]:
-    """torch.load(weights_only=True), no fallback: a pickle that would run code is refused; a
-    checkpoint whose contents do not match its digest is damaged."""
+def load_plain(path: Path, what: str) -> Any:
+    """torch.load(weights_only=True): tensors and plain data only, so a pickle that would run
+    code is refused unopened; a CheckpointError naming the `what` and the file otherwise."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"cannot load checkpoint {path}: {first} (reslab loads only tensors and plain data; "
-            "it never runs code from a checkpoint)"
+            f"cannot load {what} {path}: {first} (reslab loads only tensors and plain data; "
+            f"it never runs code from a {what})"
         ) from e
+
+
+def safe_load(path: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True), no fallback: a pickle that would run code is refused; a
+    checkpoint whose contents do not match its digest is damaged."""
+    state = load_plain(path, "checkpoint")
     if isinstance(state, dict) and DIGEST in state:  # checkpoints before the digest have none
         recorded = state.pop(DIGEST)
         if content_digest(state) != recorded:

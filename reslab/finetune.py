@@ -10,13 +10,12 @@ the run's spec, so a fine-tune resumed from a changed file is refused as a diffe
 from __future__ import annotations
 
 import hashlib
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import WEIGHTS, CheckpointError, load_weights
+from .checkpoint import WEIGHTS, CheckpointError, load_plain, load_weights
 
 # The suffixes of torchvision's (and torch.save's) weight files, read as plain state dicts.
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -55,13 +54,7 @@ def load_source(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state, _ = load_weights(path)
         return state
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"refused --init-from {path}: {first} (reslab reads only tensors and plain data from "
-            "a .pth; it never runs code from one)") from e
+    state = load_plain(path, "--init-from weights file")
     # torchvision's reference scripts save {"model": state_dict, "optimizer": ...}.
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]

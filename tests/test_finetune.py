@@ -73,11 +73,11 @@ def test_a_crafted_pickle_is_refused_without_running(tmp_path, capsys):
 
     evil = tmp_path / "resnet18-evil.pth"
     torch.save({"conv1.weight": Payload()}, evil)
-    with pytest.raises(Exception, match="refused --init-from .*never runs code"):
+    with pytest.raises(Exception, match="cannot load --init-from weights file .*never runs code"):
         load_source(evil)
     code = main(["train", "resnet18", "--data", str(tmp_path), "--init-from", str(evil),
                  "--out", str(tmp_path / "run")])
-    assert code == 2 and "refused --init-from" in capsys.readouterr().err
+    assert code == 2 and "cannot load --init-from weights file" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
