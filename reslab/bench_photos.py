@@ -95,6 +95,35 @@ def _reslab_loader(root: Path, batch_size: int, workers: int):
                          workers=workers, skip_bad_images=False)
 
 
+class _DecodeOnly:
+    """The ceiling a loader approaches: each file read and decoded (reslab's decoder), nothing
+    else; a label per image comes back, no pixels."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> int:
+        from .data.tree import decode_rgb
+
+        decode_rgb(self.paths[index])
+        return 0
+
+
+def _decode_loader(root: Path, batch_size: int, workers: int):
+    from .data import open_tree
+
+    paths = [p for p, _ in open_tree(Path(root)).train]
+    loader = torch.utils.data.DataLoader(_DecodeOnly(paths), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, drop_last=True,
+                                         persistent_workers=workers > 0)
+    while True:
+        for batch in loader:
+            yield batch, batch
+
+
 def _images_per_second(batches, count: int, warmup: int = 2) -> float:
     it = iter(batches)
     for _ in range(warmup):  # worker start-up and the first prefetch
@@ -108,18 +137,22 @@ def _images_per_second(batches, count: int, warmup: int = 2) -> float:
 
 def bench_loader(root: Path, *, workers: int, batch_size: int = 64, batches: int = 12,
                  rounds: int = 5) -> dict[str, Any]:
-    """Images/s of reslab's loader and torchvision's on the same files, alternated `rounds`
-    times (medians quoted), and per worker process."""
-    ours, theirs = [], []
+    """Images/s of reslab's loader and torchvision's on the same files, and of decoding alone
+    (the ceiling), alternated `rounds` times (medians quoted), and per worker process."""
+    ours, theirs, decoding = [], [], []
     for _ in range(rounds):
         ours.append(_images_per_second(_reslab_loader(root, batch_size, workers), batches))
         theirs.append(_images_per_second(_reference_loader(root, batch_size, workers), batches))
-    mine, ref = statistics.median(ours), statistics.median(theirs)
+        decoding.append(_images_per_second(_decode_loader(root, batch_size, workers), batches))
+    mine, ref, ceiling = (statistics.median(r) for r in (ours, theirs, decoding))
     per = max(workers, 1)
     return {"workers": workers, "batch_size": batch_size, "batches": batches,
             "reslab_images_per_second": mine, "torchvision_images_per_second": ref,
+            "decode_only_images_per_second": ceiling,
             "reslab_per_worker": mine / per, "torchvision_per_worker": ref / per,
-            "ratio": mine / ref, "rounds": {"reslab": ours, "torchvision": theirs}}
+            "ratio": mine / ref, "decode_only_ratio": ceiling / ref,
+            "of_decode_only": mine / ceiling,
+            "rounds": {"reslab": ours, "torchvision": theirs, "decode_only": decoding}}
 
 
 def bench_train_photos(root: Path, model: str, *, workers: int, batch_size: int = 32,

@@ -471,7 +471,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         else:
             print(f"{args.folder}, {r['workers']} workers, batch {r['batch_size']}: reslab "
                   f"{r['reslab_images_per_second']:.0f} img/s, torchvision "
-                  f"{r['torchvision_images_per_second']:.0f} img/s, ratio x{r['ratio']:.2f}")
+                  f"{r['torchvision_images_per_second']:.0f} img/s, ratio x{r['ratio']:.2f}; "
+                  f"decoding alone {r['decode_only_images_per_second']:.0f} img/s (reslab at "
+                  f"{100 * r['of_decode_only']:.0f}% of it)")
         return 0
 
     tree, problems = check_tree(args.folder, workers=args.workers or 0)

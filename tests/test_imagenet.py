@@ -457,6 +457,8 @@ def test_photo_like_files_and_the_side_by_side_benchmarks_run(tmp_path, capsys):
     assert 30 < stats["mean_kb"] < 400  # JPEGs of a photograph's size, not of noise
     r = bench_loader(tmp_path / "photos", workers=0, batch_size=4, batches=1, rounds=1)
     assert r["reslab_images_per_second"] > 0 and r["torchvision_images_per_second"] > 0
+    assert r["of_decode_only"] == r["reslab_images_per_second"] / r[
+        "decode_only_images_per_second"] and len(r["rounds"]["decode_only"]) == 1
     t = bench_train_photos(tmp_path / "photos", "resnet8", workers=0, batch_size=4, steps=1)
     assert t["ratio"] > 0 and t["model"] == "resnet8"
     assert main(["data", "bench", str(tmp_path / "photos"), "--workers", "0", "--batch-size",
