@@ -749,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="finished run folder or its model.safetensors")
     p.add_argument("--format", required=True, choices=("onnx", "torch-export"),
                    help="onnx (for ONNX Runtime: uint8 (N, C, H, W) images in, the run's "
-                   "normalisation and the BN-folded network inside) or torch-export (.pt2)")
+                   "normalisation and the BN-folded network inside) or torch-export (.pt2) "
+                   "(required)")
     p.add_argument("--out", type=Path,
                    help="output file (default: model.onnx or model.pt2 beside the weights)")
     p.add_argument("--input-size", type=_positive_int, nargs=2, metavar=("H", "W"),
