@@ -731,9 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=5,
                    help="classes shown per image (default: 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
-    p.add_argument("--protocol", choices=("centre", "10-crop"), default="centre",
-                   help="for runs trained on photographs: the centre 224 crop or 10 crops "
-                   "(Sec. 3.4) (default: centre)")
+    p.add_argument("--protocol", choices=("centre", "10-crop", "multi-scale"), default="centre",
+                   help="for runs trained on photographs: the centre 224 crop, 10 crops, or the "
+                   "whole image at 5 scales (Sec. 3.4) (default: centre)")
     p.add_argument("--features", type=Path, metavar="OUT.npy",
                    help="also write each image's pooled feature vector (the classifier's input) "
                    "to OUT.npy, its images in order in OUT.txt (default: off)")

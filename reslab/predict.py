@@ -21,11 +21,18 @@ import torch.nn.functional as F
 
 from .data import DataError, normalize
 from .data.folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _decode_image
-from .data.photo_augment import CROP, TEST_SIZE, centre_view, ten_views
+from .data.photo_augment import (
+    CROP,
+    MULTI_SCALES,
+    TEST_SIZE,
+    centre_view,
+    resize_shorter,
+    ten_views,
+)
 from .data.tree import decode_rgb
 from .evaluate import autocast
 
-PROTOCOLS = ("centre", "10-crop")
+PROTOCOLS = ("centre", "10-crop", "multi-scale")
 
 
 @dataclass
@@ -40,6 +47,7 @@ class Predictor:
     input_size: tuple[int, int]
     photos: bool  # prepared by the Sec. 3.4 test protocol, not as trained in memory
     name: str
+    any_size: bool = True  # takes whole images of any size (not an export of fixed size)
 
 
 def open_predictor(source: Path, *, device: str = "cpu", precision: str | None = None
@@ -54,7 +62,7 @@ def open_predictor(source: Path, *, device: str = "cpu", precision: str | None =
 
         onnx = load_onnx(source)
         return Predictor(onnx, None, onnx.classes, onnx.in_channels, onnx.input_size,
-                         onnx.photos, source.name)
+                         onnx.photos, source.name, any_size=False)
     from .models import model_family
     from .train import load_trained
 
@@ -138,6 +146,19 @@ def _views(path: Path, predictor: Predictor, protocol: str) -> torch.Tensor:
     return centre_view(image, TEST_SIZE, CROP)[None].contiguous()
 
 
+def _multi_scale(path: Path, predictor: Predictor) -> torch.Tensor:
+    """Sec. 3.4's fully convolutional testing of one image: softmax scores of the whole image
+    and its flip at each shorter side of {224, 256, 384, 480, 640}, averaged (as
+    protocols.evaluate_tree): (num_classes,)."""
+    image = decode_rgb(str(path))
+    per_scale = []
+    for side in MULTI_SCALES:
+        x = resize_shorter(image, side).contiguous()[None]
+        probs = predictor.logits(torch.cat([x, x.flip(-1)])).softmax(1)
+        per_scale.append(probs.mean(0))
+    return torch.stack(per_scale).mean(0)
+
+
 @dataclass
 class Prediction:
     path: str
@@ -154,9 +175,27 @@ def predict(predictor: Predictor, files: Sequence[Path], *, top_k: int = 5,
     if protocol != "centre" and not predictor.photos:
         raise ValueError(f"--protocol {protocol} is for runs trained on photographs (Sec. 3.4); "
                          f"{predictor.name} was trained on images as they are (Sec. 4.2)")
+    if protocol == "multi-scale" and not predictor.any_size:
+        raise ValueError(f"--protocol multi-scale feeds whole images of several sizes; "
+                         f"{predictor.name} takes {predictor.input_size[0]}x"
+                         f"{predictor.input_size[1]} only: use the run folder")
+    if protocol == "multi-scale" and features:
+        raise ValueError("--features with --protocol multi-scale: the features are of one view; "
+                         "use centre or 10-crop")
     if features and predictor.features is None:
         raise ValueError("--features needs the PyTorch model (a run folder or model.safetensors), "
                          "not an exported .onnx")
+    if protocol == "multi-scale":  # whole images of different sizes: one at a time
+        for path in files:
+            try:
+                probs = _multi_scale(path, predictor)
+            except DataError as e:
+                yield str(path), str(e)
+                continue
+            best = probs.topk(min(top_k, len(probs)))
+            yield Prediction(str(path), list(zip(best.indices.tolist(), best.values.tolist(),
+                                                 strict=True)))
+        return
     for start in range(0, len(files), batch_size):
         good, views = [], []
         for path in files[start:start + batch_size]:

@@ -18,7 +18,7 @@ from conftest import RELIABILITY_SPEC
 from reslab import build_model
 from reslab.cli import main
 from reslab.data import load_dataset, normalize
-from reslab.data.photo_augment import centre_view, ten_views
+from reslab.data.photo_augment import centre_view, resize_shorter, ten_views
 from reslab.data.tree import decode_rgb
 from reslab.predict import list_images, open_predictor, predict
 from reslab.train import load_trained
@@ -144,6 +144,17 @@ def test_photo_runs_see_the_test_protocols_views(tmp_path):
             expected = model(normalize(views, mean, std)).softmax(1).mean(0)
         assert np.allclose([p for _, p in result.top], expected.sort(descending=True).values,
                            atol=1e-5), protocol
+    # Multi-scale: the whole image and its flip at each of the five shorter sides, averaged.
+    [result] = list(predict(predictor, [photo], top_k=4, protocol="multi-scale"))
+    with torch.no_grad():
+        scales = []
+        for side in (224, 256, 384, 480, 640):
+            x = resize_shorter(image, side)[None]
+            scales.append(model(normalize(torch.cat([x, x.flip(-1)]), mean, std)).softmax(1)
+                          .mean(0))
+        expected = torch.stack(scales).mean(0)
+    assert np.allclose([p for _, p in result.top], expected.sort(descending=True).values,
+                       atol=1e-5)
     with pytest.raises(ValueError, match="--protocol 10-crop is for runs trained on photographs"):
         list(predict(open_predictor(MAKE_RUN), [photo], protocol="10-crop"))
 
