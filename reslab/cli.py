@@ -735,8 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for runs trained on photographs: the centre 224 crop, 10 crops, or the "
                    "whole image at 5 scales (Sec. 3.4) (default: centre)")
     p.add_argument("--features", type=Path, metavar="OUT.npy",
-                   help="also write each image's pooled feature vector (the classifier's input) "
-                   "to OUT.npy, its images in order in OUT.txt (default: off)")
+                   help="also write each image's pooled feature vector (the classifier's input; "
+                   "with 10-crop the mean of its views') to OUT.npy, its images in order in "
+                   "OUT.txt (default: off)")
     p.add_argument("--batch-size", type=_positive_int, default=64,
                    help="images per forward pass (default: 64)")
     p.add_argument("--device", default="auto",

@@ -42,6 +42,7 @@ class Predictor:
 
     logits: Callable[[torch.Tensor], torch.Tensor]
     features: Callable[[torch.Tensor], torch.Tensor] | None
+    head: Callable[[torch.Tensor], torch.Tensor] | None  # pooled features to logits
     classes: tuple[str, ...] | None
     in_channels: int
     input_size: tuple[int, int]
@@ -61,7 +62,7 @@ def open_predictor(source: Path, *, device: str = "cpu", precision: str | None =
         from .export import load_onnx
 
         onnx = load_onnx(source)
-        return Predictor(onnx, None, onnx.classes, onnx.in_channels, onnx.input_size,
+        return Predictor(onnx, None, None, onnx.classes, onnx.in_channels, onnx.input_size,
                          onnx.photos, source.name, any_size=False)
     from .models import model_family
     from .train import load_trained
@@ -90,8 +91,12 @@ def open_predictor(source: Path, *, device: str = "cpu", precision: str | None =
         with autocast(dev, precision):
             return model.forward_features(prepared(x)).float().cpu()
 
-    return Predictor(logits, features, trained.classes, model.conv1.in_channels, size, photos,
-                     spec.model)
+    @torch.no_grad()
+    def head(f: torch.Tensor) -> torch.Tensor:
+        return model.fc(f.to(dev)).float().cpu()
+
+    return Predictor(logits, features, head, trained.classes, model.conv1.in_channels, size,
+                     photos, spec.model)
 
 
 def list_images(paths: Sequence[Path]) -> list[Path]:
@@ -210,12 +215,16 @@ def predict(predictor: Predictor, files: Sequence[Path], *, top_k: int = 5,
             continue
         x = torch.stack(views)  # (B, V, C, H, W)
         b, v = x.shape[:2]
-        probs = predictor.logits(x.flatten(0, 1)).softmax(1).view(b, v, -1).mean(1)
+        pooled = None
+        if features:  # one forward pass: the views' features, then the classifier on them
+            f = predictor.features(x.flatten(0, 1))
+            logits = predictor.head(f)
+            pooled = f.view(b, v, -1).mean(1).numpy()  # an image's: the mean of its views'
+        else:
+            logits = predictor.logits(x.flatten(0, 1))
+        probs = logits.softmax(1).view(b, v, -1).mean(1)
         k = min(top_k, probs.shape[1])
         best = probs.topk(k, dim=1)
-        pooled = None
-        if features:  # the centre view's (or the image's) feature vector
-            pooled = predictor.features(x[:, 0]).numpy()
         for i, path in enumerate(good):
             top = list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True))
             yield Prediction(str(path), top, None if pooled is None else pooled[i])
