@@ -26,6 +26,7 @@ from .data.photo_augment import (
     MULTI_SCALES,
     TEST_SIZE,
     centre_view,
+    check_size,
     resize_shorter,
     ten_views,
 )
@@ -146,6 +147,7 @@ def _views(path: Path, predictor: Predictor, protocol: str) -> torch.Tensor:
     if not predictor.photos:
         return _as_trained(path, predictor)[None]
     image = decode_rgb(str(path))
+    check_size(image, str(path))  # a 1x5000 strip scaled to a 256 shorter side: gigabytes
     if protocol == "10-crop":
         return ten_views(image, TEST_SIZE, CROP)
     return centre_view(image, TEST_SIZE, CROP)[None].contiguous()
@@ -156,6 +158,7 @@ def _multi_scale(path: Path, predictor: Predictor) -> torch.Tensor:
     and its flip at each shorter side of {224, 256, 384, 480, 640}, averaged (as
     protocols.evaluate_tree): (num_classes,)."""
     image = decode_rgb(str(path))
+    check_size(image, str(path))
     per_scale = []
     for side in MULTI_SCALES:
         x = resize_shorter(image, side).contiguous()[None]

@@ -155,6 +155,10 @@ def test_photo_runs_see_the_test_protocols_views(tmp_path):
         expected = torch.stack(scales).mean(0)
     assert np.allclose([p for _, p in result.top], expected.sort(descending=True).values,
                        atol=1e-5)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (2100, 100)).save(strip)
+    [(path, message)] = list(predict(predictor, [strip]))
+    assert path == str(strip) and "more than 20:1" in message
     with pytest.raises(ValueError, match="--protocol 10-crop is for runs trained on photographs"):
         list(predict(open_predictor(MAKE_RUN), [photo], protocol="10-crop"))
 
