@@ -65,14 +65,12 @@ def open_predictor(source: Path, *, device: str = "cpu", precision: str | None =
         onnx = load_onnx(source)
         return Predictor(onnx, None, None, onnx.classes, onnx.in_channels, onnx.input_size,
                          onnx.photos, source.name, any_size=False)
-    from .models import model_family
+    from .export import input_size_of, trained_on_photos
     from .train import load_trained
 
     trained = load_trained(source, device=device)
     model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
-    family = model_family(spec.model)
-    photos = spec.recipe.augmentation != "pad-crop-flip"
-    size = trained.input_size or ((CROP, CROP) if photos or family == "imagenet" else (32, 32))
+    photos, size = trained_on_photos(trained), input_size_of(trained)
     precision = precision or spec.recipe.precision
     dev = next(model.parameters()).device
 
