@@ -85,14 +85,14 @@ def _reference_loader(root: Path, batch_size: int, workers: int):
         yield from loader
 
 
-def _reslab_loader(root: Path, batch_size: int, workers: int):
+def _reslab_loader(root: Path, batch_size: int, workers: int, regions: bool = True):
     from .data import BatchStream, open_tree
     from .data.stream import train_batches
 
     tree = open_tree(Path(root))
     stream = BatchStream(len(tree.train), batch_size, seed=0)
     return train_batches(tree.train, stream, seed=0, augmentation="scale", colour=True,
-                         workers=workers, skip_bad_images=False)
+                         workers=workers, skip_bad_images=False, regions=regions)
 
 
 class _DecodeOnly:
@@ -137,22 +137,32 @@ def _images_per_second(batches, count: int, warmup: int = 2) -> float:
 
 def bench_loader(root: Path, *, workers: int, batch_size: int = 64, batches: int = 12,
                  rounds: int = 5) -> dict[str, Any]:
-    """Images/s of reslab's loader and torchvision's on the same files, and of decoding alone
-    (the ceiling), alternated `rounds` times (medians quoted), and per worker process."""
-    ours, theirs, decoding = [], [], []
+    """Images/s of reslab's loader and torchvision's on the same files, of reslab's loader
+    decoding every JPEG whole (what decoding only the window's region buys), and of decoding
+    whole images alone (the ceiling of a loader that decodes them), alternated `rounds` times
+    (medians quoted), and per worker process."""
+    from .data import jpeg
+
+    ours, whole, theirs, decoding = [], [], [], []
     for _ in range(rounds):
         ours.append(_images_per_second(_reslab_loader(root, batch_size, workers), batches))
+        whole.append(_images_per_second(_reslab_loader(root, batch_size, workers, False),
+                                        batches))
         theirs.append(_images_per_second(_reference_loader(root, batch_size, workers), batches))
         decoding.append(_images_per_second(_decode_loader(root, batch_size, workers), batches))
-    mine, ref, ceiling = (statistics.median(r) for r in (ours, theirs, decoding))
+    mine, mine_whole, ref, ceiling = (statistics.median(r)
+                                      for r in (ours, whole, theirs, decoding))
     per = max(workers, 1)
     return {"workers": workers, "batch_size": batch_size, "batches": batches,
+            "region_decoder": jpeg.available(),
             "reslab_images_per_second": mine, "torchvision_images_per_second": ref,
+            "reslab_whole_decode_images_per_second": mine_whole,
             "decode_only_images_per_second": ceiling,
             "reslab_per_worker": mine / per, "torchvision_per_worker": ref / per,
-            "ratio": mine / ref, "decode_only_ratio": ceiling / ref,
-            "of_decode_only": mine / ceiling,
-            "rounds": {"reslab": ours, "torchvision": theirs, "decode_only": decoding}}
+            "ratio": mine / ref, "whole_decode_ratio": mine_whole / ref,
+            "decode_only_ratio": ceiling / ref, "of_decode_only": mine / ceiling,
+            "rounds": {"reslab": ours, "reslab_whole_decode": whole, "torchvision": theirs,
+                       "decode_only": decoding}}
 
 
 def bench_train_photos(root: Path, model: str, *, workers: int, batch_size: int = 32,

@@ -469,10 +469,14 @@ def cmd_data(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r, indent=2))
         else:
+            decoder = "JPEG regions" if r["region_decoder"] else \
+                "whole images (the region decoder is not built: run make)"
             print(f"{args.folder}, {r['workers']} workers, batch {r['batch_size']}: reslab "
-                  f"{r['reslab_images_per_second']:.0f} img/s, torchvision "
+                  f"{r['reslab_images_per_second']:.0f} img/s decoding {decoder}, torchvision "
                   f"{r['torchvision_images_per_second']:.0f} img/s, ratio x{r['ratio']:.2f}; "
-                  f"decoding alone {r['decode_only_images_per_second']:.0f} img/s (reslab at "
+                  f"reslab decoding whole JPEGs {r['reslab_whole_decode_images_per_second']:.0f}"
+                  f" img/s; decoding whole images alone "
+                  f"{r['decode_only_images_per_second']:.0f} img/s (reslab at "
                   f"{100 * r['of_decode_only']:.0f}% of it)")
         return 0
 

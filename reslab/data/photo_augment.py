@@ -47,9 +47,10 @@ def view_generator(seed: int, epoch: int, index: int) -> torch.Generator:
                                          ^ 0x5DEECE66D)
 
 
-def check_size(image: torch.Tensor, path: str) -> None:
-    """A DataError naming the file for an image too small or too elongated to crop from."""
-    h, w = image.shape[-2:]
+def check_size(image: torch.Tensor | tuple[int, int], path: str) -> None:
+    """A DataError naming the file for an image (or an (H, W) size) too small or too elongated
+    to crop from."""
+    h, w = image if isinstance(image, tuple) else image.shape[-2:]
     if min(h, w) < MIN_SIDE:
         raise DataError(f"image {path} is {w}x{h}, smaller than {MIN_SIDE} px a side: too small "
                         "to crop from; remove it, or pass --skip-bad-images")
@@ -114,20 +115,32 @@ def _span(start: int, crop: int, size: int, scaled: int) -> tuple[int, int, int]
     return first, last, round(first / step)
 
 
-def _window(image: torch.Tensor, scaled: tuple[int, int], top: int, left: int,
-            crop: int) -> torch.Tensor:
-    """The crop x crop window at (top, left) of the image scaled to `scaled`, resizing only the
-    source region under it (1.2-2x faster than scaling the whole image, which is then mostly
-    thrown away). Equal to cropping the whole scaled image up to a shift of the sampling grid by
-    at most one scaled pixel (the region's start falls between scaled pixels)."""
-    h, w = image.shape[-2:]
-    if (h, w) == scaled:
-        return image[:, top:top + crop, left:left + crop]
-    r0, r1, y = _span(top, crop, h, scaled[0])
-    c0, c1, x = _span(left, crop, w, scaled[1])
-    size = [max(crop, round((r1 - r0) * scaled[0] / h)),
-            max(crop, round((c1 - c0) * scaled[1] / w))]
-    region = _resize(image[:, r0:r1, c0:c1], size)
+def window_source(height: int, width: int, scaled: tuple[int, int], top: int, left: int,
+                  crop: int = CROP) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The rows [r0, r1) and columns [c0, c1) of a height x width image that the crop x crop
+    window at (top, left) of the image scaled to `scaled` is resampled from (the filter's
+    support included): all a decoder needs to produce for that view (data/jpeg.py)."""
+    if (height, width) == scaled:
+        return (top, top + crop), (left, left + crop)
+    r0, r1, _ = _span(top, crop, height, scaled[0])
+    c0, c1, _ = _span(left, crop, width, scaled[1])
+    return (r0, r1), (c0, c1)
+
+
+def window_of_source(source: torch.Tensor, height: int, width: int, scaled: tuple[int, int],
+                     top: int, left: int, crop: int = CROP) -> torch.Tensor:
+    """The crop x crop window at (top, left) of the height x width image scaled to `scaled`,
+    from `source`: the image's window_source region, alone (1.2-2x faster to resize than the
+    whole image, which is then mostly thrown away). Equal to cropping the whole scaled image up
+    to a shift of the sampling grid by at most one scaled pixel (the region's start falls
+    between scaled pixels)."""
+    if (height, width) == scaled:
+        return source
+    r0, r1, y = _span(top, crop, height, scaled[0])
+    c0, c1, x = _span(left, crop, width, scaled[1])
+    size = [max(crop, round((r1 - r0) * scaled[0] / height)),
+            max(crop, round((c1 - c0) * scaled[1] / width))]
+    region = _resize(source, size)
     y, x = min(top - y, size[0] - crop), min(left - x, size[1] - crop)
     return region[:, y:y + crop, x:x + crop]
 
@@ -138,7 +151,9 @@ def scale_view(image: torch.Tensor, g: torch.Generator, scale: tuple[int, int] =
     probability 1/2 (scale_draws)."""
     h, w = image.shape[-2:]
     side, top, left, flip = scale_draws(h, w, g, scale, crop)
-    view = _window(image, shorter_size(h, w, side), top, left, crop)
+    scaled = shorter_size(h, w, side)
+    (r0, r1), (c0, c1) = window_source(h, w, scaled, top, left, crop)
+    view = window_of_source(image[:, r0:r1, c0:c1], h, w, scaled, top, left, crop)
     return view.flip(-1) if flip else view
 
 
