@@ -349,6 +349,101 @@ def test_training_on_a_tree_resumes_bitwise_and_reports_top5(tree, tmp_path, mon
     assert reslab.load_trained(tmp_path / "whole").classes == CLASSES
 
 
+def test_a_streaming_run_killed_with_kill_9_mid_epoch_reruns_to_the_same_weights(tree, tmp_path):
+    # A real SIGKILL from outside while two loader workers prefetch (3 steps an epoch: step 5 is
+    # mid-epoch), then the same command; against the uninterrupted command's weights.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "reslab", "train", "resnet8", "--data", str(tree),
+                "--recipe", "imagenet", "--iterations", "12", "--batch-size", "6",
+                "--workers", "2", "--checkpoint-every", "2", "--eval-every", "6",
+                "--log-every", "1", "--deterministic", "--no-progress", "--out", str(out)]
+
+    reference = subprocess.Popen(command(tmp_path / "whole"), env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    cut = subprocess.Popen(command(tmp_path / "cut"), env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "cut" / "metrics.jsonl", time.time() + 240
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        assert cut.poll() is None and time.time() < deadline, cut.communicate()
+        time.sleep(0.01)
+    cut.kill()
+    cut.communicate(timeout=60)
+    assert cut.returncode == -signal.SIGKILL
+    assert 5 <= json.loads(metrics.read_text().splitlines()[-1])["step"] < 12
+    rerun = subprocess.run(command(tmp_path / "cut"), env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert rerun.returncode == 0 and "resuming" in rerun.stdout, rerun.stderr
+    out, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err
+    assert (tmp_path / "cut/model.safetensors").read_bytes() == \
+        (tmp_path / "whole/model.safetensors").read_bytes()
+
+
+# One streaming epoch in a fresh process, two loader workers: the largest resident memory of the
+# process and of a worker, in KiB, sampled at each batch (ru_maxrss would report the imports'
+# peak, ~700 MB of libraries, which hides the epoch's).
+EPOCH = r"""
+import os, sys
+from reslab.data import BatchStream, open_tree
+from reslab.data.stream import train_batches
+
+def rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+tree = open_tree(sys.argv[1])
+batches = train_batches(tree.train, BatchStream(len(tree.train), 16, seed=0), seed=0,
+                        augmentation="scale", colour=True, workers=2, skip_bad_images=False)
+seen, process, worker = 0, 0, 0
+while seen < len(tree.train):
+    seen += len(next(batches).labels)
+    with open(f"/proc/self/task/{os.getpid()}/children") as f:
+        workers = f.read().split()
+    assert len(workers) == 2, workers
+    process, worker = max(process, rss("self")), max([worker] + [rss(w) for w in workers])
+print(process, worker)
+"""
+
+
+def test_a_streaming_epochs_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    # 40 and 400 images of 320x320 (300 KB each decoded): holding the decoded images, or the
+    # batches, would add ~55 MB or more to the larger epoch's peak in a worker or the process.
+    import subprocess
+    import sys
+
+    peaks = {}
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:320, 0:320]
+    for n in (40, 400):
+        root = tmp_path / f"n{n}"
+        for split, count in (("train", n // 2), ("val", 1)):
+            for c, name in enumerate(CLASSES[:2]):
+                folder = root / split / name
+                folder.mkdir(parents=True)
+                for i in range(count):
+                    shift = rng.integers(0, 64, 3)
+                    image = np.stack([(x + y + s) % 256 for s in shift], -1).astype(np.uint8)
+                    image[..., c] //= 2
+                    Image.fromarray(image).save(folder / f"{i}.jpg", quality=85)
+        out = subprocess.run([sys.executable, "-c", EPOCH, str(root)], capture_output=True,
+                             text=True, timeout=300, env={**__import__("os").environ,
+                                                          "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr
+        peaks[n] = [int(v) for v in out.stdout.split()]
+    (main_small, worker_small), (main_large, worker_large) = peaks[40], peaks[400]
+    print("peak RSS KiB (process, a worker) at 40 and 400 images:", peaks)
+    assert worker_small > 50_000 and main_small > 50_000  # measured, not zero
+    assert main_large - main_small < 20_000 and worker_large - worker_small < 20_000, peaks
+
+
 def test_a_bad_image_mid_run_names_the_file_and_saves_a_checkpoint(tree, tmp_path, capsys):
     import shutil
 
