@@ -291,9 +291,10 @@ def test_h200_run_sh_dry_run(tmp_path):
                        DRY_RUN_CG="--cuda-graphs off", PY="false")
     assert _kinds(commands) == {("reproduce", "table6"), ("reproduce", "fig6"),
                                 ("study", "shortcuts"), ("study", "block-depth"),
-                                ("bench", "train"), ("bench", "photos"), ("train", "resnet20")}
-    assert len(commands) == 12
-    training = [c for c in commands if c[0] != "bench"]
+                                ("bench", "train"), ("bench", "photos"), ("train", "resnet20"),
+                                ("data", "bench")}
+    assert len(commands) == 13
+    training = [c for c in commands if c[0] not in ("bench", "data")]
     assert all(c[c.index("--cuda-graphs") + 1] == "off" for c in training)
     assert not (out / "machine.txt").exists()  # no nvidia-smi, no tests, nothing packed
     # The fallback reads this test's result by name (run.sh: grep "^PASSED.*test_cuda_graphed").

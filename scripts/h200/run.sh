@@ -136,13 +136,25 @@ TIMEOUT=$left reslab bench train $BENCH_MODEL --device $DEVICE --steps 30 --no-a
     || { log "bench did not finish"; tail -5 "$W/bench.err" | tee -a "$OUT/log.txt"; }
 
 # 4. ResNet-50 trained from JPEG files (issue 24, item 6): photograph-like files written here,
-# decoded by PHOTO_WORKERS loader processes, against torchvision's loader and a plain loop.
+# decoded by PHOTO_WORKERS loader processes, against torchvision's loader and a plain loop; first
+# the loader alone at those workers (can the host's cores feed ResNet-50's step on the GPU? the
+# measurement that decides whether decoding on the GPU is needed). The JPEG region decoder is
+# built here if the machine has a compiler and libjpeg's headers (no network for apt); without
+# it JPEGs are decoded whole (the same views, slower), and the loader's JSON says which.
 left=$((LIMIT - (SECONDS - T0) - 25))
 PHOTO_WORKERS=${PHOTO_WORKERS:-14}
 if [ "$left" -gt 60 ]; then
     log "bench photos resnet50 (budget $left s)"
-    [ -n "$DRY_RUN" ] || $PY -c "import sys; from reslab.bench_photos import write_photo_tree; \
+    if [ -z "$DRY_RUN" ]; then
+      cc -O2 -shared -fPIC -o reslab/data/_jpeg_region.so reslab/data/jpeg_region.c -ljpeg \
+          >> "$OUT/log.txt" 2>&1 || log "JPEG region decoder not built: whole-image decoding"
+      $PY -c "import sys; from reslab.bench_photos import write_photo_tree; \
 write_photo_tree(sys.argv[1], classes=8, per_class=160, val_per_class=2)" "$W/photos"
+    fi
+    TIMEOUT=$((left / 3)) reslab data bench "$W/photos" --workers $PHOTO_WORKERS --json \
+        > "$W/loader.json" 2> "$W/loader.err" && cp "$W/loader.json" "$OUT/bench-loader.json" \
+        || { log "loader bench did not finish"; tail -5 "$W/loader.err" | tee -a "$OUT/log.txt"; }
+    left=$((LIMIT - (SECONDS - T0) - 25))
     TIMEOUT=$left reslab bench photos resnet50 --data "$W/photos" --device $DEVICE \
         --workers $PHOTO_WORKERS --batch-size 256 --steps 10 --json > "$W/photos.json" \
         2> "$W/photos.err" && cp "$W/photos.json" "$OUT/bench-photos-resnet50-224.json" \
