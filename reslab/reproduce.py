@@ -15,6 +15,7 @@ from typing import Any
 
 from .data import load_dataset
 from .experiments import (
+    PAPER_TABLE6,
     Arm,
     Experiment,
     by_label,
@@ -26,6 +27,7 @@ from .experiments import (
     unfinished,
     write_outputs,
 )
+from .runfolder import read_metrics
 from .train import RunSpec
 
 DEFAULT_DEPTHS = {
@@ -53,28 +55,105 @@ def _mean_final(results, label: str, key: str) -> float | None:
     return statistics.mean(r[key] for r in rs) if rs else None
 
 
-def claims(results: Sequence[dict[str, Any]]) -> list[str]:
-    """The paper's Fig. 6 claims, checked on our numbers (final training error, mean of seeds)."""
+def claims(results: Sequence[dict[str, Any]], runs_dir: Path | None = None) -> list[str]:
+    """The paper's Fig. 6 claims, checked on our numbers (final training error, mean of seeds);
+    with `runs_dir`, also at how many of the logged points along the way each held (the paper:
+    plain-56 above plain-20 "throughout"), from the first seeds' metrics."""
     out = []
     depths = sorted({r["depth"] for r in results})
+    pairs = [(f"{fam}-{deep}", f"{fam}-{shallow}", verb, expect)
+             for shallow, deep in zip(depths, depths[1:], strict=False)
+             for fam, verb, expect in (("plain", "degradation", "higher"),
+                                       ("ResNet", "depth helps", "lower"))]
+    pairs += [(f"ResNet-{d}", f"plain-{d}", f"the cure at depth {d}", "lower") for d in depths]
+    for first, second, verb, expect in pairs:
+        b = _mean_final(results, first, "final_train_error")
+        a = _mean_final(results, second, "final_train_error")
+        if a is None or b is None:
+            continue
+        holds = b > a if expect == "higher" else b < a
+        along = "" if runs_dir is None else _along_the_way(results, runs_dir, first, second,
+                                                            expect)
+        out.append(f"- {verb} ({first} vs {second}, paper: {expect}): {pct(b)}% vs {pct(a)}% "
+                   f"→ {'agrees' if holds else 'does not agree'}{along}")
+    return out
+
+
+def _along_the_way(results: Sequence[dict[str, Any]], runs_dir: Path, first: str, second: str,
+                   expect: str) -> str:
+    """"; higher at 97 of 100 logged points": training error compared at each iteration both
+    runs logged."""
+    groups = by_label(results)
+    curves = [{r["step"]: r["train_error"]
+               for r in read_metrics(Path(runs_dir) / groups[label][0]["run"])
+               if "train_error" in r} for label in (first, second)]
+    steps = sorted(curves[0].keys() & curves[1].keys())
+    if not steps:
+        return ""
+    a, b = curves
+    held = sum(a[s] > b[s] if expect == "higher" else a[s] < b[s] for s in steps)
+    return f"; {expect} at {held} of {len(steps)} logged points"
+
+
+def ladder_claims(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Table 6's claim, each deeper ResNet testing lower, on our numbers (final test error,
+    mean of seeds), beside the paper's pair where Table 6 has both depths."""
+    out = []
+    depths = sorted({r["depth"] for r in results if r["label"].startswith("ResNet-")})
     for shallow, deep in zip(depths, depths[1:], strict=False):
-        for fam, verb_ok, expect in (("plain", "degradation", "higher"),
-                                     ("ResNet", "depth helps", "lower")):
-            a = _mean_final(results, f"{fam}-{shallow}", "final_train_error")
-            b = _mean_final(results, f"{fam}-{deep}", "final_train_error")
-            if a is None or b is None:
-                continue
-            holds = b > a if expect == "higher" else b < a
-            out.append(
-                f"- {verb_ok} ({fam}-{deep} vs {fam}-{shallow}, paper: {expect}): "
-                f"{pct(b)}% vs {pct(a)}% → {'agrees' if holds else 'does not agree'}"
-            )
+        a = _mean_final(results, f"ResNet-{shallow}", "final_test_error")
+        b = _mean_final(results, f"ResNet-{deep}", "final_test_error")
+        pa, pb = PAPER_TABLE6.get(shallow), PAPER_TABLE6.get(deep)
+        paper = f"{pb:.2f}% vs {pa:.2f}%, lower" if pa and pb else "lower"
+        out.append(f"- deeper ResNets test lower (ResNet-{deep} vs ResNet-{shallow}, paper: "
+                   f"{paper}): {pct(b)}% vs {pct(a)}% → {'agrees' if b < a else 'does not agree'}")
+    return out
+
+
+def schedule(run_dir: Path) -> str:
+    """The learning-rate schedule a run had, from its recipe.json, with the end of the 0.01
+    warm-up (Sec. 4.2's ResNet-110) as its metrics.jsonl logged it."""
+    recipe = json.loads((Path(run_dir) / "recipe.json").read_text())["recipe"]
+    base, milestones = recipe["lr"], recipe["milestones"]
+    if recipe["lr_policy"] == "plateau":
+        text = f"{base:g}, /10 when the error plateaus"
+    else:
+        text = f"{base:g}, /10 at {' and '.join(f'{m:,}' for m in milestones)}"
+    # A record's lr is that of the last iteration it covers; before the first division any
+    # record below the base rate is the warm-up.
+    first_division = milestones[0] if recipe["lr_policy"] != "plateau" and milestones else None
+    early = [r for r in read_metrics(Path(run_dir))
+             if "lr" in r and (first_division is None or r["step"] <= first_division)]
+    if any(r["lr"] < base * (1 - 1e-6) for r in early):
+        after = next((r["step"] for r in early if r["lr"] >= base * (1 - 1e-6)), None)
+        over = f"over by iteration {after:,}" if after is not None else "never over"
+        text = (f"{recipe['warmup_lr']:g} until training error < "
+                f"{100 * recipe['warmup_until_error']:.0f}% ({over}), then {text}")
+    return f"{text}; {recipe['iterations']:,} iterations, batch {recipe['batch_size']}"
+
+
+def schedules(results: Sequence[dict[str, Any]], runs_dir: Path) -> list[str]:
+    """One line per net (its first seed's run) naming the schedule it was trained with."""
+    return [f"- {label}: {schedule(Path(runs_dir) / rs[0]['run'])}"
+            for label, rs in by_label(results).items()]
+
+
+def response_claims(responses: dict[str, list[float]]) -> list[str]:
+    """Fig. 7's claims (Sec. 4.2) on our numbers, by the mean std over each net's layers:
+    ResNets respond less than their plain counterparts, and deeper ResNets less still."""
+    means = {label: statistics.mean(v) for label, v in responses.items()}
+    depths = sorted({int(label.split("-")[1]) for label in means})
+    out = []
     for d in depths:
-        p = _mean_final(results, f"plain-{d}", "final_train_error")
-        r = _mean_final(results, f"ResNet-{d}", "final_train_error")
+        p, r = means.get(f"plain-{d}"), means.get(f"ResNet-{d}")
         if p is not None and r is not None:
-            out.append(f"- the cure at depth {d} (ResNet below plain, paper: lower): {pct(r)}% vs "
-                       f"{pct(p)}% → {'agrees' if r < p else 'does not agree'}")
+            out.append(f"- ResNet-{d} vs plain-{d} (paper: smaller): {r:.3f} vs {p:.3f} → "
+                       f"{'agrees' if r < p else 'does not agree'}")
+    nets = [d for d in depths if f"ResNet-{d}" in means]
+    for shallow, deep in zip(nets, nets[1:], strict=False):
+        a, b = means[f"ResNet-{shallow}"], means[f"ResNet-{deep}"]
+        out.append(f"- deeper ResNets respond less (ResNet-{deep} vs ResNet-{shallow}, paper: "
+                   f"smaller): {b:.3f} vs {a:.3f} → {'agrees' if b < a else 'does not agree'}")
     return out
 
 
@@ -121,13 +200,23 @@ def reproduce(kind: str, exp: Experiment, depths: Sequence[int] | None = None) -
     pending = unfinished(arms, runs_dir)
     if pending:
         sections += ["## Runs not finished yet", "", *pending, ""]
+    if results:
+        sections += ["## Schedules", "", *schedules(results, runs_dir),
+                     "- the paper's (Sec. 4.2): 0.1, /10 at 32,000 and 48,000; 64,000 "
+                     "iterations, batch 128; ResNet-110 at 0.01 until training error < 80% "
+                     "(about 400 iterations)", ""]
     if kind == "table6":
         title = f"Table 6 (ResNets on {data})"
+        if results:
+            plot_fig6(results, runs_dir, out_dir / "curves.png", panels=(("ResNets", "ResNet"),))
+        checked = ladder_claims(results) or ["- not enough finished runs to compare yet"]
+        sections += ["## The paper's claims on our numbers", "", *checked, "",
+                     "![training (dashed) and test (bold) error](curves.png)", ""]
     elif kind == "fig6":
         title = f"Figure 6 (plain nets vs ResNets on {data})"
         if results:
             plot_fig6(results, runs_dir, out_dir / "fig6.png")
-        checked = claims(results) or ["- not enough finished runs to compare yet"]
+        checked = claims(results, runs_dir) or ["- not enough finished runs to compare yet"]
         sections += ["## The paper's claims on our numbers", "", *checked, "",
                      "![Figure 6](fig6.png)", ""]
     else:
@@ -138,9 +227,11 @@ def reproduce(kind: str, exp: Experiment, depths: Sequence[int] | None = None) -
             (out_dir / "responses.json").write_text(json.dumps(responses, indent=2) + "\n")
         sections += [
             "## Response std per 3x3 layer (after BN, before ReLU/addition; test set)", "",
-            "| net | layers | mean std | max std |", "|---|---|---|---|",
-            *[f"| {k} | {len(v)} | {statistics.mean(v):.3f} | {max(v):.3f} |"
-              for k, v in responses.items()],
+            "| net | layers | mean std | median std | max std |", "|---|---|---|---|---|",
+            *[f"| {k} | {len(v)} | {statistics.mean(v):.3f} | {statistics.median(v):.3f} | "
+              f"{max(v):.3f} |" for k, v in responses.items()],
+            "", "## The paper's claims on our numbers", "",
+            *(response_claims(responses) or ["- not enough finished runs to compare yet"]),
             "", "![Figure 7](fig7.png)", "",
         ]
     write_outputs(out_dir, title, results, sections, data, command)

@@ -50,15 +50,21 @@ def test_reproduce_end_to_end_and_report_only(tmp_path, folder, kind, monkeypatc
     hardware = next(line for line in report.splitlines() if line.startswith("- hardware: "))
     on_cpu = not torch.cuda.is_available()
     assert "unknown" not in hardware and ("cores, CPU only" in hardware or not on_cpu)
+    assert "## Schedules" in report and "- ResNet-14: 0.1, /10 at" in report
     if kind == "table6":
         assert " ± " in report  # best (mean ± std) over two seeds
+        assert "deeper ResNets test lower (ResNet-14 vs ResNet-8, paper: lower)" in report
+        _png_ok(out / "curves.png")
     if kind == "fig6":
         _png_ok(out / "fig6.png")
         assert "degradation" in report and "the cure" in report
+        assert " logged points" in report
     if kind == "fig7":
         _png_ok(out / "fig7.png")
         responses = json.loads((out / "responses.json").read_text())
         assert len(responses["ResNet-14"]) == 1 + 12  # the stem and every 3x3 layer
+        assert "- ResNet-14 vs plain-14 (paper: smaller): " in report
+        assert "- deeper ResNets respond less (ResNet-14 vs ResNet-8, paper: smaller): " in report
     (out / "report.md").unlink()
     (out / "summary.json").unlink()
     assert main([*args, "--report-only"]) == 0
@@ -171,3 +177,75 @@ def test_run_options_reach_train(tmp_path, folder, monkeypatch, command, first_r
     assert name == first_run.format("fp32-")
     assert default_options == TrainOptions()
     assert default_spec.recipe == ex.study_recipe(12, 0) and default_name == first_run.format("")
+
+
+def _result(label: str, depth: int, train: float, test: float, run: str = "") -> dict:
+    return {"label": label, "depth": depth, "final_train_error": train,
+            "final_test_error": test, "run": run}
+
+
+def test_ladder_claims_compare_test_errors_beside_table6():
+    results = [_result("ResNet-20", 20, 0.02, 0.12), _result("ResNet-32", 32, 0.01, 0.11),
+               _result("ResNet-32", 32, 0.01, 0.13), _result("ResNet-44", 44, 0.01, 0.125),
+               _result("ResNet-50", 50, 0.01, 0.10)]
+    assert rp.ladder_claims(results) == [
+        "- deeper ResNets test lower (ResNet-32 vs ResNet-20, paper: 7.51% vs 8.75%, lower): "
+        "12.00% vs 12.00% → does not agree",  # the mean of the two seeds ties
+        "- deeper ResNets test lower (ResNet-44 vs ResNet-32, paper: 7.17% vs 7.51%, lower): "
+        "12.50% vs 12.00% → does not agree",
+        "- deeper ResNets test lower (ResNet-50 vs ResNet-44, paper: lower): 10.00% vs 12.50% "
+        "→ agrees",
+    ]
+    assert rp.ladder_claims(results[:1]) == []
+
+
+def test_fig6_claims_count_the_logged_points_where_each_held(tmp_path):
+    def log(name, errors):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": 10 * (i + 1), "train_error": e}) + "\n"
+            for i, e in enumerate(errors)))
+    log("p8", [0.5, 0.3, 0.2, 0.1])
+    log("p14", [0.6, 0.4, 0.1, 0.2, 0.1])  # one point more than plain-8 logged
+    log("r8", [0.5, 0.3, 0.2, 0.1])
+    results = [_result("plain-8", 8, 0.1, 0.2, "p8"), _result("plain-14", 14, 0.2, 0.3, "p14"),
+               _result("ResNet-8", 8, 0.1, 0.2, "r8")]
+    assert rp.claims(results, tmp_path) == [
+        "- degradation (plain-14 vs plain-8, paper: higher): 20.00% vs 10.00% → agrees; "
+        "higher at 3 of 4 logged points",
+        "- the cure at depth 8 (ResNet-8 vs plain-8, paper: lower): 10.00% vs 10.00% → does not "
+        "agree; lower at 0 of 4 logged points",
+    ]
+    assert rp.claims(results)[0] == ("- degradation (plain-14 vs plain-8, paper: higher): "
+                                      "20.00% vs 10.00% → agrees")
+
+
+def test_schedule_names_the_milestones_and_where_the_warm_up_ended(tmp_path):
+    from dataclasses import asdict
+
+    from reslab.recipes import get_recipe
+
+    recipe = get_recipe("cifar10").with_iterations(16000)
+    (tmp_path / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe)}))
+    lrs = [(160, 0.01), (320, 0.01), (480, 0.1), (8000, 0.1), (8160, 0.01), (12160, 0.001)]
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "lr": lr, "train_error": 0.5}) + "\n" for s, lr in lrs))
+    assert rp.schedule(tmp_path) == ("0.01 until training error < 80% (over by iteration 480), "
+                                     "then 0.1, /10 at 8,000 and 12,000; 16,000 iterations, "
+                                     "batch 128")
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "lr": 0.1}) + "\n" for s in (160, 8000)))
+    assert rp.schedule(tmp_path) == "0.1, /10 at 8,000 and 12,000; 16,000 iterations, batch 128"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 160, "lr": 0.01}) + "\n")
+    assert rp.schedule(tmp_path).startswith("0.01 until training error < 80% (never over), then")
+
+
+def test_response_claims_compare_mean_stds():
+    responses = {"plain-20": [2.0, 4.0], "plain-56": [1.0, 1.0], "ResNet-20": [1.0, 2.0],
+                 "ResNet-56": [1.0, 3.0]}
+    assert rp.response_claims(responses) == [
+        "- ResNet-20 vs plain-20 (paper: smaller): 1.500 vs 3.000 → agrees",
+        "- ResNet-56 vs plain-56 (paper: smaller): 2.000 vs 1.000 → does not agree",
+        "- deeper ResNets respond less (ResNet-56 vs ResNet-20, paper: smaller): 2.000 vs 1.500 "
+        "→ does not agree",
+    ]
