@@ -50,6 +50,10 @@ def arms_for(kind: str, exp: Experiment, depths: Sequence[int]) -> list[Arm]:
     return arms
 
 
+def _verdict(holds: bool) -> str:
+    return "agrees" if holds else "does not agree"
+
+
 def _mean_final(results, label: str, key: str) -> float | None:
     rs = by_label(results).get(label)
     return statistics.mean(r[key] for r in rs) if rs else None
@@ -75,7 +79,7 @@ def claims(results: Sequence[dict[str, Any]], runs_dir: Path | None = None) -> l
         along = "" if runs_dir is None else _along_the_way(results, runs_dir, first, second,
                                                             expect)
         out.append(f"- {verb} ({first} vs {second}, paper: {expect}): {pct(b)}% vs {pct(a)}% "
-                   f"→ {'agrees' if holds else 'does not agree'}{along}")
+                   f"→ {_verdict(holds)}{along}")
     return out
 
 
@@ -106,7 +110,7 @@ def ladder_claims(results: Sequence[dict[str, Any]]) -> list[str]:
         pa, pb = PAPER_TABLE6.get(shallow), PAPER_TABLE6.get(deep)
         paper = f"{pb:.2f}% vs {pa:.2f}%, lower" if pa and pb else "lower"
         out.append(f"- deeper ResNets test lower (ResNet-{deep} vs ResNet-{shallow}, paper: "
-                   f"{paper}): {pct(b)}% vs {pct(a)}% → {'agrees' if b < a else 'does not agree'}")
+                   f"{paper}): {pct(b)}% vs {pct(a)}% → {_verdict(b < a)}")
     return out
 
 
@@ -148,12 +152,12 @@ def response_claims(responses: dict[str, list[float]]) -> list[str]:
         p, r = means.get(f"plain-{d}"), means.get(f"ResNet-{d}")
         if p is not None and r is not None:
             out.append(f"- ResNet-{d} vs plain-{d} (paper: smaller): {r:.3f} vs {p:.3f} → "
-                       f"{'agrees' if r < p else 'does not agree'}")
+                       f"{_verdict(r < p)}")
     nets = [d for d in depths if f"ResNet-{d}" in means]
     for shallow, deep in zip(nets, nets[1:], strict=False):
         a, b = means[f"ResNet-{shallow}"], means[f"ResNet-{deep}"]
         out.append(f"- deeper ResNets respond less (ResNet-{deep} vs ResNet-{shallow}, paper: "
-                   f"smaller): {b:.3f} vs {a:.3f} → {'agrees' if b < a else 'does not agree'}")
+                   f"smaller): {b:.3f} vs {a:.3f} → {_verdict(b < a)}")
     return out
 
 
