@@ -19,6 +19,6 @@ run reproduce fig6 --data cifar10-jpeg --out $out/fig6-16k --runs $out/runs \
 # 3. The Table 6 ladder at 16k (20 and 56 reused from Figure 6), ResNet-110 last (warm-up).
 run reproduce table6 --data cifar10-jpeg --out $out/table6-16k --runs $out/runs \
     --depths 20 32 44 56 110 --iterations 16000
-# 4. Figure 7 from those runs (no training).
+# 4. Figure 7 from those runs (no training): plain-20/56 and ResNet-20/56/110, as the paper's.
 run reproduce fig7 --data cifar10-jpeg --out $out/fig7-16k --runs $out/runs \
-    --depths 20 56 --iterations 16000
+    --depths 20 56 110 --iterations 16000

@@ -240,6 +240,14 @@ def test_schedule_names_the_milestones_and_where_the_warm_up_ended(tmp_path):
     assert rp.schedule(tmp_path).startswith("0.01 until training error < 80% (never over), then")
 
 
+def test_fig7_draws_resnet110_without_a_plain_twin():
+    exp = ex.Experiment(data="fashion-mnist", out_dir=Path("out"), iterations=100)
+    labels = [a.label for a in rp.arms_for("fig7", exp, rp.DEFAULT_DEPTHS["fig7"])]
+    assert labels == ["plain-20", "plain-56", "ResNet-20", "ResNet-56", "ResNet-110"]
+    assert [a.label for a in rp.arms_for("fig6", exp, [56, 110])] == [
+        "plain-56", "plain-110", "ResNet-56", "ResNet-110"]
+
+
 def test_response_claims_compare_mean_stds():
     responses = {"plain-20": [2.0, 4.0], "plain-56": [1.0, 1.0], "ResNet-20": [1.0, 2.0],
                  "ResNet-56": [1.0, 3.0]}
