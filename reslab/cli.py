@@ -207,6 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "checkpoint_every": args.checkpoint_every, "log_every": args.log_every,
             "val_split": args.val_split, "normalization": args.normalization,
             "augmentation": args.augmentation, "accumulate": args.accumulate,
+            "warmup_min_depth": args.warmup_min_depth,
         }.items() if v is not None
     }
     recipe = replace(recipe, **overrides)
@@ -671,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"mini-batch size (default: the recipe's; cifar10: {_PAPER.batch_size})")
     p.add_argument("--weight-decay", type=_non_negative_float,
                    help=f"weight decay (default: the recipe's; cifar10: {_PAPER.weight_decay:g})")
+    p.add_argument("--warmup-min-depth", type=_count, metavar="N",
+                   help="CIFAR-style nets of N layers or more start at lr "
+                   f"{_PAPER.warmup_lr:g} until training error is below "
+                   f"{100 * _PAPER.warmup_until_error:.0f}%%, as Sec. 4.2 does for ResNet-110; "
+                   "0 warms up every net (default: the recipe's; cifar10: "
+                   f"{_PAPER.warmup_min_depth})")
     p.add_argument("--seed", type=_count,
                    help=f"initialisation and data order (default: the recipe's; {_PAPER.seed})")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"),

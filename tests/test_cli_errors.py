@@ -66,6 +66,8 @@ BAD_INVOCATIONS = [
      "argument --epochs: must be a finite number (got inf)", "{new}"),
     ([*TRAIN, "--checkpoint-every", "0"], "argument --checkpoint-every: must be >= 1", "{new}"),
     ([*TRAIN, "--skip-nonfinite", "-1"], "argument --skip-nonfinite: must be >= 0", "{new}"),
+    ([*TRAIN, "--warmup-min-depth", "-1"], "argument --warmup-min-depth: must be >= 0",
+     "{new}"),
     ([*TRAIN, "--batch-size", "0"], "argument --batch-size: must be >= 1 (got 0)", "{new}"),
     ([*TRAIN, "--batch-size", "1000"],
      "batch size 1000 is larger than the 96 training images; use a smaller --batch-size", "{new}"),

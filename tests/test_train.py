@@ -73,6 +73,22 @@ def test_warmup_is_a_condition_not_a_count(tmp_path, tiny_data):
     assert set(lrs) == {0.01}  # never below 0% error: the warm-up never ends
 
 
+def test_warmup_min_depth_from_the_command_line(tmp_path):
+    # --warmup-min-depth 8 gives resnet8 ResNet-110's warm-up; by default it starts at lr 0.1.
+    folder = write_image_folder(tmp_path / "imgs", make_dataset(n_train=32, n_test=9))
+    first_lr = {}
+    for depth in (None, 8):
+        run = tmp_path / f"warmup-{depth}"
+        extra = [] if depth is None else ["--warmup-min-depth", str(depth)]
+        assert main(["train", "resnet8", "--data", str(folder), "--out", str(run),
+                     "--iterations", "4", "--batch-size", "16", "--log-every", "1",
+                     "--no-progress", *extra]) == 0
+        first_lr[depth] = json.loads((run / "metrics.jsonl").open().readline())["lr"]
+        recipe = json.loads((run / "recipe.json").read_text())["recipe"]
+        assert recipe["warmup_min_depth"] == (110 if depth is None else depth)
+    assert first_lr == {None: 0.1, 8: 0.01}
+
+
 def test_tiny_end_to_end_run_folder_and_eval(tmp_path, tiny_data, capsys):
     run = tmp_path / "run"
     summary = train(_spec(iterations=40), run, data=tiny_data)
