@@ -27,8 +27,9 @@ from .experiments import (
     unfinished,
     write_outputs,
 )
+from .recipes import Recipe
 from .runfolder import read_metrics
-from .train import RunSpec
+from .train import RunSpec, warms_up
 
 DEFAULT_DEPTHS = {
     "table6": (20, 32, 44, 56, 110),
@@ -122,7 +123,8 @@ def ladder_claims(results: Sequence[dict[str, Any]]) -> list[str]:
 def schedule(run_dir: Path) -> str:
     """The learning-rate schedule a run had, from its recipe.json, with the end of the 0.01
     warm-up (Sec. 4.2's ResNet-110) as its metrics.jsonl logged it."""
-    recipe = json.loads((Path(run_dir) / "recipe.json").read_text())["recipe"]
+    spec = json.loads((Path(run_dir) / "recipe.json").read_text())
+    recipe = spec["recipe"]
     base, milestones = recipe["lr"], recipe["milestones"]
     if recipe["lr_policy"] == "plateau":
         text = f"{base:g}, /10 when the error plateaus"
@@ -131,11 +133,18 @@ def schedule(run_dir: Path) -> str:
     # A record's lr is that of the last iteration it covers; before the first division any
     # record below the base rate is the warm-up.
     first_division = milestones[0] if recipe["lr_policy"] != "plateau" and milestones else None
-    early = [r for r in read_metrics(Path(run_dir))
+    records = read_metrics(Path(run_dir))
+    early = [r for r in records
              if "lr" in r and (first_division is None or r["step"] <= first_division)]
-    if any(r["lr"] < base * (1 - 1e-6) for r in early):
-        after = next((r["step"] for r in early if r["lr"] >= base * (1 - 1e-6)), None)
-        over = f"over by iteration {after:,}" if after is not None else "never over"
+    ended = next((r["warmup_over_at"] for r in records if "warmup_over_at" in r), None)
+    warmed = warms_up(spec["model"], recipe.get("warmup_min_depth", Recipe.warmup_min_depth))
+    if ended is not None or any(r["lr"] < base * (1 - 1e-6) for r in early) or (
+            warmed and early):
+        if ended is not None:
+            over = f"over at iteration {ended:,}"
+        else:  # runs from before the metrics kept the iteration: bounded by the records
+            after = next((r["step"] for r in early if r["lr"] >= base * (1 - 1e-6)), None)
+            over = f"over by iteration {after:,}" if after is not None else "never over"
         text = (f"{recipe['warmup_lr']:g} until training error < "
                 f"{100 * recipe['warmup_until_error']:.0f}% ({over}), then {text}")
     return f"{text}; {recipe['iterations']:,} iterations, batch {recipe['batch_size']}"

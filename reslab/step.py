@@ -109,6 +109,9 @@ class Window:
     warmup: bool = False
     recent_errors: deque[float] = field(default_factory=deque)
     nonfinite_in_a_row: int = 0
+    # The iteration the warm-up ended, until a metrics record has named it (saved with the
+    # window, so a resume between the two still names it).
+    warmup_over_at: int | None = None
 
     @classmethod
     def start(cls, device: torch.device, *, warmup: bool, warmup_window: int,
@@ -116,15 +119,16 @@ class Window:
         """A new window, or the one a checkpoint saved (`state` as state_dict() wrote it)."""
         sums = {"loss": 0.0, "wrong": 0.0, "seen": 0}
         recent: deque[float] = deque(maxlen=warmup_window)
-        streak = 0
+        streak, over_at = 0, None
         if state is not None:
             warmup, sums, streak = state["warmup"], dict(state["window"]), state.get(
                 "nonfinite_in_a_row", 0)
+            over_at = state.get("warmup_over_at")  # absent from checkpoints before it was kept
             recent.extend(state["recent_errors"])
         tensors = {k: torch.tensor(float(sums[k]), dtype=torch.float64, device=device)
                    for k in ("loss", "wrong")}
         tensors["nonfinite"] = torch.zeros((), dtype=torch.int64, device=device)
-        return cls(tensors, int(sums["seen"]), warmup, recent, streak)
+        return cls(tensors, int(sums["seen"]), warmup, recent, streak, over_at)
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's entries for the window (their names are the checkpoint format)."""
@@ -133,6 +137,7 @@ class Window:
             "window": {"loss": self.sums["loss"].item(), "wrong": self.sums["wrong"].item(),
                        "seen": self.seen},
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "warmup_over_at": self.warmup_over_at,
         }
 
     def take(self, world: World = World()) -> tuple[float, float]:  # noqa: B008 (frozen)
@@ -312,6 +317,7 @@ class Step:
             if full and sum(window.recent_errors) / len(window.recent_errors) < \
                     r.warmup_until_error:
                 window.warmup = False  # the paper's ResNet-110: back to 0.1 (Sec. 4.2)
+                window.warmup_over_at = i + 1
                 return (f"warm-up over at iteration {i + 1}: training error below "
                         f"{r.warmup_until_error:.0%}, lr back to {r.lr}")
         return None

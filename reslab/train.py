@@ -134,6 +134,12 @@ def model_depth(name: str) -> int:
     return int(re.search(r"\d+$", name).group())
 
 
+def warms_up(model: str, warmup_min_depth: int) -> bool:
+    """Whether `model` starts with Sec. 4.2's warm-up (lr 0.01 until training error < 80%):
+    CIFAR-style nets of `warmup_min_depth` layers or more (the paper's ResNet-110)."""
+    return model_family(model) == "cifar" and model_depth(model) >= warmup_min_depth
+
+
 def check_data_fits(spec: RunSpec, data: Dataset | ImageTree) -> tuple[int, int]:
     """(in_channels, num_classes), or a clear error before any work is done."""
     if isinstance(data, ImageTree):
@@ -188,7 +194,6 @@ def train(
     o, folder, world = options, RunFolder(run_dir), world_from_env()
     dev, spec, extends = check_start(spec, folder.path, o)
     dev, recipe = rank_device(world, dev), spec.recipe
-    family = model_family(spec.model)
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
     main = world.main  # rank 0 alone writes the run folder (one process: always)
     with process_group(world, dev), (folder.lock() if main else nullcontext()):
@@ -259,7 +264,7 @@ def train(
                           "the same global batches, but each rank's BN statistics come from "
                           "another share of them (--sync-bn would make them the whole batch's)")
             folder.rewind_metrics(step if state is not None else None)
-        warmup = family == "cifar" and model_depth(spec.model) >= recipe.warmup_min_depth
+        warmup = warms_up(spec.model, recipe.warmup_min_depth)
         window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state)
         mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
         compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
@@ -324,12 +329,17 @@ def train(
                     raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
                                         f"{last_record + 1} and {step}; {_kept(folder)}")
                 if logging:
-                    last_record = step
                     train_loss, train_error = window.take(world)
                     record: dict[str, Any] = {
                         "step": step, "epoch": step * recipe.batch_size / feed.n_train,
                         "lr": lr, "train_loss": train_loss, "train_error": train_error,
                     }
+                    # The record's lr is its last iteration's: a warm-up shorter than one
+                    # record would otherwise leave no trace in the metrics.
+                    if window.warmup_over_at is not None:
+                        record["warmup_over_at"], window.warmup_over_at = \
+                            window.warmup_over_at, None
+                    last_record = step
                     if feed.skipped:
                         record["skipped_images"] = feed.skipped
                     if evaluating:

@@ -226,15 +226,27 @@ def test_schedule_names_the_milestones_and_where_the_warm_up_ended(tmp_path):
     from reslab.recipes import get_recipe
 
     recipe = get_recipe("cifar10").with_iterations(16000)
-    (tmp_path / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe)}))
+    (tmp_path / "recipe.json").write_text(json.dumps({"model": "resnet110",
+                                                      "recipe": asdict(recipe)}))
     lrs = [(160, 0.01), (320, 0.01), (480, 0.1), (8000, 0.1), (8160, 0.01), (12160, 0.001)]
     (tmp_path / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "lr": lr, "train_error": 0.5}) + "\n" for s, lr in lrs))
     assert rp.schedule(tmp_path) == ("0.01 until training error < 80% (over by iteration 480), "
                                      "then 0.1, /10 at 8,000 and 12,000; 16,000 iterations, "
                                      "batch 128")
+    # The metrics name the iteration (65) when the warm-up ended inside the first record ...
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "lr": 0.1} | ({"warmup_over_at": 65} if s == 160 else {}))
+        + "\n" for s in (160, 8000)))
+    assert rp.schedule(tmp_path).startswith("0.01 until training error < 80% (over at "
+                                            "iteration 65), then 0.1, /10 at 8,000")
+    # ... and, in runs from before they did, the first record at 0.1 bounds it.
     (tmp_path / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "lr": 0.1}) + "\n" for s in (160, 8000)))
+    assert rp.schedule(tmp_path).startswith("0.01 until training error < 80% (over by "
+                                            "iteration 160), then 0.1, /10 at 8,000")
+    (tmp_path / "recipe.json").write_text(json.dumps({"model": "resnet56",
+                                                      "recipe": asdict(recipe)}))
     assert rp.schedule(tmp_path) == "0.1, /10 at 8,000 and 12,000; 16,000 iterations, batch 128"
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 160, "lr": 0.01}) + "\n")
     assert rp.schedule(tmp_path).startswith("0.01 until training error < 80% (never over), then")

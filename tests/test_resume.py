@@ -374,3 +374,23 @@ def test_a_run_folder_from_before_a_recipe_field_existed_still_resumes(tmp_path,
     (run / "recipe.json").write_text(json.dumps(spec))
     done = train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert done["iterations"] == 20  # finished, not refused as a different run
+
+
+def test_a_resume_between_the_warm_ups_end_and_its_record_still_names_it(tmp_path, monkeypatch):
+    # ResNet-110's warm-up (Sec. 4.2) on resnet8; a record every 7 iterations, a checkpoint
+    # every one, and a crash right after the checkpoint of the iteration the warm-up ended.
+    recipe = replace(SPEC.recipe, warmup_min_depth=8, warmup_window=4, log_every=7,
+                     checkpoint_every=1)
+    spec, options = replace(SPEC, recipe=recipe), TrainOptions(tensorboard=False,
+                                                               deterministic=True)
+    train(spec, tmp_path / "ref", data=make_dataset(), options=options)
+    ref = (tmp_path / "ref" / "metrics.jsonl").read_text()
+    [ended] = [r["warmup_over_at"] for r in map(json.loads, ref.splitlines())
+               if "warmup_over_at" in r]
+    assert ended % 7  # so the crash falls between the warm-up's end and the record naming it
+    crash_after_checkpoint(monkeypatch, ended)
+    with pytest.raises(Crashed):
+        train(spec, tmp_path / "cut", data=make_dataset(), options=options)
+    monkeypatch.undo()
+    train(spec, tmp_path / "cut", data=make_dataset(), options=options)
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == ref

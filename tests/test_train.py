@@ -63,14 +63,23 @@ def test_warmup_is_a_condition_not_a_count(tmp_path, tiny_data):
                    recipe=replace(TINY, iterations=30, warmup_min_depth=8, warmup_window=4,
                                   warmup_until_error=0.6))
     train(spec, tmp_path / "run", data=tiny_data, options=TrainOptions(tensorboard=False))
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run/metrics.jsonl").open()]
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    lrs = [r["lr"] for r in records]
     assert lrs[0] == 0.01 and 0.1 in lrs
     switch = lrs.index(0.1)
     assert all(lr == 0.01 for lr in lrs[:switch])
+    # The record whose iterations hold the warm-up's end names it (a record's lr is its last
+    # iteration's, so that is the first record at 0.1 or the one before).
+    [(at, ended)] = [(i, r["warmup_over_at"]) for i, r in enumerate(records)
+                     if "warmup_over_at" in r]
+    assert at in (switch - 1, switch)
+    assert (records[at - 1]["step"] if at else 0) < ended <= records[at]["step"]
     spec_off = replace(spec, recipe=replace(spec.recipe, warmup_until_error=0.0))
     train(spec_off, tmp_path / "never", data=tiny_data, options=TrainOptions(tensorboard=False))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "never/metrics.jsonl").open()]
     assert set(lrs) == {0.01}  # never below 0% error: the warm-up never ends
+    assert not any("warmup_over_at" in json.loads(line)
+                   for line in (tmp_path / "never/metrics.jsonl").open())
 
 
 def test_warmup_min_depth_from_the_command_line(tmp_path):
