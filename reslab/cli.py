@@ -131,9 +131,9 @@ def _study_options(p: argparse.ArgumentParser, depths_help: str) -> None:
     p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--out", required=True, type=Path, help="report folder (required)")
     p.add_argument("--depths", type=_positive_int, nargs="+", help=depths_help)
-    p.add_argument("--iterations", type=_positive_int, default=_PAPER.iterations,
+    p.add_argument("--iterations", type=_positive_int,
                    help=f"each run's schedule, milestones scaled (default: the paper's, "
-                   f"{_PAPER.iterations})")
+                   f"{_PAPER.iterations}; mlp-depth 3000, rnn-depth 1500)")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="runs per net; Table 6 reports best and mean±std (default: 1)")
     p.add_argument("--runs", type=Path, help="run pool shared between studies (default: OUT/runs)")
@@ -179,16 +179,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  parameters      {r.params:,}")
         print(f"  multiply-adds   {r.multiply_adds:,} per image ({_human(r.multiply_adds)})")
         print("  output size (Table 1):")
-        for stage, (c, h, w) in r.stages:
-            print(f"    {stage:<8} {h}x{w}, {c} channels")
+        for stage, shape in r.stages:
+            print(f"    {stage:<8} {_shape(shape)}")
         return 0
     header = f"{'model':<11} {'family':<9} {'input':>5} {'params':>12} {'mult-adds':>10}"
     print(header + "  stages (HxW)")
     for r in rows:
-        sizes = " ".join(f"{h}" for _, (_, h, _) in r.stages)
+        sizes = " ".join(f"{shape[1]}" if len(shape) == 3 else "-" for _, shape in r.stages)
         print(f"{r.name:<11} {r.family:<9} {r.input_size:>5} {r.params:>12,} "
               f"{_human(r.multiply_adds):>10}  {sizes}")
     return 0
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    """A stage's output: (C, H, W) of a conv net, (width,) of an MLP, (steps, width) of an LSTM."""
+    if len(shape) == 3:
+        return f"{shape[1]}x{shape[2]}, {shape[0]} channels"
+    if len(shape) == 2:
+        return f"{shape[0]} steps of {shape[1]} units"
+    return f"{shape[0]} units"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -312,9 +321,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, mean, std, spec, names, _ = load_trained(args.run, device=args.device)
     data = open_data(args.data, skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
-    if data.in_channels != model.conv1.in_channels:
+    if data.in_channels != model.in_channels:
         raise UsageError(f"{args.data} has {data.in_channels}-channel images but the model takes "
-                         f"{model.conv1.in_channels}")
+                         f"{model.in_channels}")
     outputs = model.fc.out_features  # the training data's classes, unless --num-classes was given
     if data.num_classes > outputs or (spec.num_classes is None and data.num_classes != outputs):
         raise UsageError(f"{args.data} has {data.num_classes} classes but {args.run} was trained "
@@ -501,11 +510,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from .reproduce import reproduce as run
     else:
         from .studies import run_study as run
+    from .depth_studies import DEPTH_STUDIES
     from .experiments import Experiment
     from .train import TrainingStopped
 
+    iterations = args.iterations or (DEPTH_STUDIES[args.experiment].iterations
+                                     if args.experiment in DEPTH_STUDIES else _PAPER.iterations)
     exp = Experiment(
-        data=_data_spec(args.data), out_dir=args.out, iterations=args.iterations,
+        data=_data_spec(args.data), out_dir=args.out, iterations=iterations,
         seeds=args.seeds, runs_dir=args.runs, report_only=args.report_only,
         options=_train_options(args), precision=args.precision, batch_size=args.batch_size,
     )
@@ -790,10 +802,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the paper's for the experiment)")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("study", help="beyond the paper: block depth, shortcut mappings")
-    p.add_argument("experiment", choices=("block-depth", "shortcuts"), metavar="STUDY",
-                   help="block-depth or shortcuts")
-    _study_options(p, depths_help="total depths (default: 56; shortcuts: 56 20)")
+    p = sub.add_parser("study", help="beyond the paper: block depth, shortcut mappings, "
+                       "degradation in deep MLPs and LSTMs")
+    p.add_argument("experiment", choices=("block-depth", "shortcuts", "mlp-depth", "rnn-depth"),
+                   metavar="STUDY", help="block-depth, shortcuts, mlp-depth or rnn-depth")
+    _study_options(p, depths_help="total depths (default: 56; shortcuts: 56 20; mlp-depth: 4 8 "
+                   "14 20 32 56; rnn-depth: 1 2 4 8 16)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("bench", help="training or inference speed vs a plain reference")

@@ -24,7 +24,7 @@ class Complexity:
     num_classes: int
     params: int
     multiply_adds: int
-    stages: tuple[tuple[str, tuple[int, int, int]], ...]  # (stage name, (C, H, W))
+    stages: tuple[tuple[str, tuple[int, ...]], ...]  # (stage name, (C, H, W)); MLP (width,)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -43,12 +43,16 @@ def count_multiply_adds(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def stage_shapes(model: ResNet, x: torch.Tensor) -> tuple[tuple[str, tuple[int, int, int]], ...]:
-    """Output (C, H, W) of the stem and each stage; names as Table 1 (conv1, conv2_x, ...)."""
-    shapes: list[tuple[str, tuple[int, int, int]]] = []
-    taps = [("conv1", model.relu)] + [
-        (f"conv{s + 2}_x", stage) for s, stage in enumerate(model.stages())
-    ]
+def stage_shapes(model: nn.Module, x: torch.Tensor) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Output (C, H, W) of the stem and each stage; names as Table 1 (conv1, conv2_x, ...).
+    The MLP/LSTM twins: their stem's and blocks' outputs (per image, per step for an LSTM)."""
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    if isinstance(model, ResNet):
+        taps = [("conv1", model.relu)] + [
+            (f"conv{s + 2}_x", stage) for s, stage in enumerate(model.stages())
+        ]
+    else:
+        taps = [("stem", model.stem), ("blocks", model.blocks)]
     handles = []
     for label, module in taps:
         def hook(_m, _i, out, label=label):
@@ -76,13 +80,14 @@ def describe(
     """Parameters, multiply-adds per image and stage output sizes of the named network."""
     family = model_family(name)
     if input_size is None:
-        input_size = 32 if family == "cifar" else 224
+        input_size = {"cifar": 32, "imagenet": 224}.get(family, 28)  # twins: Fashion-MNIST
     if input_size < 1:
         raise ValueError(f"input size must be a positive number of pixels, got {input_size}")
     with torch.device("meta"):
         model = build_model(
             name, num_classes=num_classes, in_channels=in_channels, shortcut=shortcut,
             layout=layout, layers_per_block=layers_per_block,
+            input_size=(input_size, input_size),
         )
         x = torch.empty(1, in_channels, input_size, input_size)
     model.eval()

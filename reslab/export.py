@@ -46,7 +46,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     m = copy.deepcopy(model).eval()
 
     def fold(owner: nn.Module, conv: str, bn: str) -> None:
-        c, b = getattr(owner, conv), getattr(owner, bn)
+        c, b = getattr(owner, conv, None), getattr(owner, bn, None)  # none on the MLP/LSTM twins
         if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
             setattr(owner, conv, fuse_conv_bn_eval(c, b))
             setattr(owner, bn, nn.Identity())

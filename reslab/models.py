@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import mlp_rnn
+
 SHORTCUTS = ("A", "B", "C", "gated", "scaled", "fixed", "none")
 LAYOUTS = ("v1", "v1.5")
 GATE_BIAS = -3.0  # sigmoid(-3) = 0.047: a gated block starts ~95% on its shortcut (highway-style)
@@ -33,6 +35,8 @@ IMAGENET_STAGES: dict[int, tuple[str, tuple[int, ...]]] = {
 IMAGENET_PLAIN = (18, 34)  # Table 2 trains plain-18 and plain-34
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)  # Table 6
 CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)  # Fig. 6
+MLP_DEPTHS = (4, 8, 14, 20, 32, 56)  # mlp_rnn: the fully connected twins' study depths
+LSTM_DEPTHS = (1, 2, 4, 8, 16)  # and the recurrent twins'
 
 
 class ZeroPadShortcut(nn.Module):
@@ -207,6 +211,10 @@ class ResNet(nn.Module):
                 if zero_init_residual and m.mapping != "none":
                     nn.init.zeros_(getattr(m, f"bn{m.num_layers}").weight)
 
+    @property
+    def in_channels(self) -> int:
+        return self.conv1.in_channels
+
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{s}") for s in range(1, self.num_stages + 1)]
 
@@ -338,11 +346,15 @@ def list_models() -> list[str]:
     """The paper's named networks (any CIFAR depth 6n+2 also builds, e.g. `resnet8`)."""
     names = [f"resnet{d}" for d in CIFAR_DEPTHS] + [f"plain{d}" for d in CIFAR_PLAIN_DEPTHS]
     names += [f"resnet{d}" for d in IMAGENET_STAGES] + [f"plain{d}" for d in IMAGENET_PLAIN]
+    names += [f"{k}mlp{d}" for d in MLP_DEPTHS for k in ("res", "plain")]
+    names += [f"{k}lstm{d}" for d in LSTM_DEPTHS for k in ("res", "plain")]
     return names
 
 
 def model_family(name: str) -> str:
-    """"cifar" or "imagenet" for a valid model name."""
+    """"cifar" or "imagenet" for a valid model name; "mlp" or "lstm" for the twins of mlp_rnn."""
+    if (twin := mlp_rnn.parse(name)) is not None:
+        return twin[1]
     m = _NAME.match(name)
     if m is None:
         raise ValueError(_unknown(name))
@@ -351,7 +363,10 @@ def model_family(name: str) -> str:
 
 
 def default_shortcut(name: str) -> str:
-    """"none" for plain nets, else option A on CIFAR and B on ImageNet (as the paper)."""
+    """"none" for plain nets, else option A on CIFAR and B on ImageNet (as the paper); the
+    MLP/LSTM twins' shortcuts are "identity"."""
+    if (twin := mlp_rnn.parse(name)) is not None:
+        return "identity" if twin[0] else "none"
     m = _NAME.match(name)
     if m is None:
         raise ValueError(_unknown(name))
@@ -362,7 +377,10 @@ def default_shortcut(name: str) -> str:
 
 def part_names(name: str) -> list[str]:
     """The parts of a named network that --freeze takes (ResNet.part_names), without building
-    it: stem, its stages (three on CIFAR, four on ImageNet), fc."""
+    it: stem, its stages (three on CIFAR, four on ImageNet), fc; stem, blocks, fc for the
+    MLP/LSTM twins."""
+    if mlp_rnn.parse(name) is not None:
+        return ["stem", "blocks", "fc"]
     stages = 3 if model_family(name) == "cifar" else 4
     return ["stem", *(f"conv{s + 1}_x" for s in range(1, stages + 1)), "fc"]
 
@@ -371,7 +389,8 @@ def _unknown(name: str) -> str:
     return (
         f"unknown model {name!r}; valid names: {', '.join(list_models())}, or resnetN / plainN "
         "for any CIFAR depth N = 6n+2 (e.g. resnet8); prefix cifar_ for a CIFAR net whose depth "
-        "collides with an ImageNet one (cifar_resnet50)"
+        "collides with an ImageNet one (cifar_resnet50); resmlpN / plainmlpN (N even >= 4) and "
+        "reslstmN / plainlstmN (N >= 1) for the fully connected and recurrent twins"
     )
 
 
@@ -385,7 +404,8 @@ def build_model(
     layers_per_block: int | None = None,
     zero_init_residual: bool = False,
     gradient_checkpointing: bool = False,
-) -> ResNet:
+    input_size: tuple[int, int] | None = None,
+) -> nn.Module:
     """Build a network of the paper by name.
 
     CIFAR family (`resnet20` ... `resnet1202`, any `resnetN` with N = 6n+2, `plainN`): 32x32
@@ -394,7 +414,20 @@ def build_model(
     "A" | "B" | "C" | "gated" | "scaled" | "fixed" | "none"; `layout` "v1" (paper) or "v1.5"
     (torchvision: stride on the bottleneck's 3x3); `layers_per_block` 1, 2 or 3 for basic blocks
     (CIFAR nets keep their depth by changing n), 3 for bottlenecks.
+
+    The MLP and LSTM twins (`resmlpN`, `plainmlpN`, `reslstmN`, `plainlstmN`, mlp_rnn.py) are
+    built for one `input_size` (H, W), default 28x28; the conv nets take any size and ignore it.
     """
+    if mlp_rnn.parse(name) is not None:
+        if layout is not None or layers_per_block not in (None, 2 if "mlp" in name else 1):
+            raise ValueError(f"{name} takes no --layout or --layers-per-block (conv nets only)")
+        if gradient_checkpointing:
+            raise ValueError(f"--gradient-checkpointing is for the conv nets, not {name}")
+        _check_counts(num_classes, in_channels)
+        return mlp_rnn.build_twin(
+            name, num_classes=10 if num_classes is None else num_classes,
+            in_channels=in_channels, input_size=input_size, shortcut=shortcut,
+            zero_init_residual=zero_init_residual)
     m = _NAME.match(name) if isinstance(name, str) else None
     if m is None:
         raise ValueError(_unknown(str(name)))
@@ -419,10 +452,7 @@ def build_model(
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     if num_classes is None:
         num_classes = 10 if family == "cifar" else 1000
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    _check_counts(num_classes, in_channels)
 
     # Research mappings keep the family's projection where dimensions grow (A on CIFAR, B on
     # ImageNet); options A/B/C are themselves the projection choice.
@@ -469,3 +499,17 @@ def build_model(
         layout=layout, num_classes=num_classes, in_channels=in_channels,
         zero_init_residual=zero_init_residual, gradient_checkpointing=gradient_checkpointing,
     )
+
+
+def _check_counts(num_classes: int | None, in_channels: int) -> None:
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+
+
+def layers_per_block(model: nn.Module) -> int:
+    """Layers in the net's residual function: 1-3 for a conv basic block, 3 for a bottleneck,
+    2 for an MLP block, 1 for an LSTM layer."""
+    return max((b.num_layers for b in model.modules() if hasattr(b, "num_layers")
+                and isinstance(b.num_layers, int)), default=1)

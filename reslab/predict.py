@@ -94,7 +94,7 @@ def open_predictor(source: Path, *, device: str = "cpu", precision: str | None =
     def head(f: torch.Tensor) -> torch.Tensor:
         return model.fc(f.to(dev)).float().cpu()
 
-    return Predictor(logits, features, head, trained.classes, model.conv1.in_channels, size,
+    return Predictor(logits, features, head, trained.classes, model.in_channels, size,
                      photos, spec.model)
 
 

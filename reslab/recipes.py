@@ -39,6 +39,10 @@ class Recipe:
     accumulate: int = 1  # micro-batches per step (batch_size / accumulate each; BN per micro-batch)
     normalization: str = "pixel"  # "pixel": per-pixel mean (the paper's); "channel": mean/std
     precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp32"
+    # "sgd" (the paper's, with momentum and weight decay) or "adam" (Kingma & Ba; the usual
+    # optimiser of deep LSTMs, mlp_rnn.py: momentum is then unused, weight decay is Adam's L2).
+    optimizer: str = "sgd"
+    grad_clip: float = 0.0  # > 0: clip the gradients' global L2 norm to this (LSTMs); 0: off
     seed: int = 0
     val_split: int = 0  # hold out this many training images (the paper chose its schedule 45k/5k)
     eval_every: int = 1_000
@@ -80,6 +84,10 @@ class Recipe:
         if self.accumulate < 1 or self.batch_size % self.accumulate:
             problems.append(f"--accumulate {self.accumulate} must divide the batch size "
                             f"{self.batch_size} (micro-batches of equal size)")
+        if self.optimizer not in ("sgd", "adam"):
+            problems.append(f"optimizer must be sgd or adam (got {self.optimizer!r})")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            problems.append(f"grad-clip must be a finite number >= 0 (got {self.grad_clip})")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32 (got {self.precision!r})")
         for name in ("eval_every", "checkpoint_every"):
@@ -190,6 +198,14 @@ RECIPES: dict[str, Recipe] = {
     # iterations (~10 epochs of 50k images at 128) divided at half and three quarters.
     "finetune": Recipe(name="finetune", lr=0.01, iterations=4_000, milestones=(2_000, 3_000),
                        eval_every=500, checkpoint_every=500),
+    # The fully connected twins (mlp_rnn.py): the paper's SGD recipe without augmentation (the
+    # degradation claim is about training error), in fp32 so that any CPU resumes a run.
+    "mlp": Recipe(name="mlp", pad=0, precision="fp32"),
+    # The LSTM twins: Adam at 1e-3 with the gradient norm clipped at 1, the usual recipe of deep
+    # LSTMs (SGD at the paper's lr 0.1 diverges on them), divided by 10 at half and three
+    # quarters as the paper's schedule; no augmentation; fp32.
+    "rnn": Recipe(name="rnn", optimizer="adam", lr=1e-3, weight_decay=0.0, grad_clip=1.0,
+                  pad=0, precision="fp32"),
 }
 
 

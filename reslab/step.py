@@ -38,14 +38,25 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
-def make_optimizer(model: nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.SGD:
-    """Sec. 3.4/4.2: SGD with momentum and weight decay. fused=True: one kernel for the whole
-    update; on a CPU the optimizer is ~0.5% of a step either way (results/bench: fused SGD alone
-    0.98x), on a GPU it saves launches."""
-    return torch.optim.SGD(  # frozen parameters (--freeze) are left out: no decay either
-        [p for p in model.parameters() if p.requires_grad], lr=recipe.lr, momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay, fused=device.type in ("cpu", "cuda"),
-    )
+def make_optimizer(model: nn.Module, recipe: Recipe, device: torch.device
+                   ) -> torch.optim.Optimizer:
+    """Sec. 3.4/4.2: SGD with momentum and weight decay (or Adam, recipe.optimizer, for the LSTM
+    twins). fused=True: one kernel for the whole update; on a CPU the optimizer is ~0.5% of a
+    step either way (results/bench: fused SGD alone 0.98x), on a GPU it saves launches."""
+    params = [p for p in model.parameters() if p.requires_grad]  # --freeze: no decay either
+    fused = device.type in ("cpu", "cuda")
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                fused=fused)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay, fused=fused)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """recipe.grad_clip: the gradients' global L2 norm clipped to `max_norm` (no host sync)."""
+    if max_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def augment_generator(seed: int, step: int) -> torch.Generator:
@@ -170,7 +181,7 @@ class GraphedStep:
         optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
         mean: torch.Tensor, std: torch.Tensor | None, pad: int, precision: str,
         memory_format: torch.memory_format, batch_size: int, sums: dict[str, torch.Tensor],
-        warmup: int = 3,
+        warmup: int = 3, grad_clip: float = 0.0,
     ) -> None:
         if warmup < 1:
             raise ValueError("GraphedStep needs >= 1 eager warm-up step before its capture")
@@ -178,6 +189,7 @@ class GraphedStep:
         self.images, self.labels, self.mean, self.std = images, labels, mean, std
         self.pad, self.precision, self.memory_format = pad, precision, memory_format
         self.batch, self.sums, self.warmup = batch_size, sums, warmup
+        self.grad_clip = grad_clip
         self.device = images.device
         # idx (B) | crop offsets (2B) | flips (B), one int64 buffer: one copy per step.
         self.inputs = torch.zeros(4 * batch_size if pad > 0 else batch_size, dtype=torch.int64,
@@ -199,6 +211,7 @@ class GraphedStep:
                                       autocast_cache=False)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(self.optimizer, self.grad_clip)
         self.optimizer.step()
         add_to_window(self.sums, loss, wrong, b)
 
@@ -306,6 +319,7 @@ class Step:
             return (f"skipped iteration {i + 1}: loss is {loss.item()} "
                     f"({window.nonfinite_in_a_row} in a row, --skip-nonfinite "
                     f"{self.skip_nonfinite})")
+        clip_gradients(self.optimizer, r.grad_clip)
         self.optimizer.step()
         # Training error on the augmented batch: the paper's dashed curves (Fig. 6).
         add_to_window(window.sums, loss, wrong, len(y))
@@ -357,7 +371,7 @@ def build_step(
         graphed = GraphedStep(
             forward=forward, optimizer=optimizer, images=images, labels=labels, mean=mean,
             std=std, pad=recipe.pad, precision=recipe.precision, memory_format=MEMORY_FORMAT,
-            batch_size=recipe.batch_size, sums=window.sums,
+            batch_size=recipe.batch_size, sums=window.sums, grad_clip=recipe.grad_clip,
         )
     return Step(model=model, forward=forward, optimizer=optimizer, images=images, labels=labels,
                 mean=mean, std=std, recipe=recipe, window=window, skip_nonfinite=skip_nonfinite,

@@ -48,7 +48,7 @@ SHORTCUT_ARMS = {
     "fixed": "fixed scaling 0.5",
     "none": "none (plain)",
 }
-STUDIES = ("block-depth", "shortcuts")
+STUDIES = ("block-depth", "shortcuts", "mlp-depth", "rnn-depth")  # the last two: depth_studies
 # Each arm is compared with the paper's design at its depth: two-layer blocks, option A.
 REFERENCE = {"block-depth": "ResNet-{depth} k=2", "shortcuts": "d{depth} A"}
 
@@ -191,6 +191,10 @@ def run_study(study: str, exp: Experiment, depths: Sequence[int] | None = None) 
     """Run a study and write DIR/report.md, DIR/summary.json and its plots."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; valid: {', '.join(STUDIES)}")
+    if study in ("mlp-depth", "rnn-depth"):
+        from .depth_studies import run_depth_study
+
+        return run_depth_study(study, exp, depths)
     depths = tuple(depths or ((56,) if study == "block-depth" else (56, 20)))
     if study == "block-depth" and any((d - 2) % 18 for d in depths):
         raise ValueError(f"block-depth needs depths 18n+2 (e.g. 20, 56, 110) so that 1-, 2- and "

@@ -41,7 +41,7 @@ from .distributed import (
     world_from_env,
 )
 from .feed import BadImage, MemoryFeed, make_feed
-from .models import ResidualBlock, build_model, default_shortcut, model_family
+from .models import build_model, default_shortcut, layers_per_block, model_family
 from .recipes import Plateau, Recipe, learning_rate
 from .runfolder import RunFolder, RunFolderError, environment, weights_metadata
 from .runtime import algorithms, resolve_device, resolve_precision, stop_signals
@@ -214,11 +214,14 @@ def train(
         # Sec. 4.2 and 3.4: per-pixel mean subtraction, computed on the training split.
         mean, std = feed.stats()
         torch.manual_seed(recipe.seed)  # He init is drawn from the seed
+        from .data.photo_augment import CROP
+
+        size = (CROP, CROP) if isinstance(data, ImageTree) else data.image_size
         model = build_model(
             spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
             layout=spec.layout, layers_per_block=spec.layers_per_block,
             zero_init_residual=spec.zero_init_residual,
-            gradient_checkpointing=o.gradient_checkpointing,
+            gradient_checkpointing=o.gradient_checkpointing, input_size=size,
         )
         init_notes = _initialise(model, spec)
         if o.sync_bn:
@@ -362,9 +365,6 @@ def train(
         summary = None
         if main:
             summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
-            from .data.photo_augment import CROP
-
-            size = (CROP, CROP) if isinstance(data, ImageTree) else data.image_size
             folder.finish(model.state_dict(), weights_metadata(
                 spec_dict, in_channels, num_classes, mean, std, feed.classes, size), summary)
         return broadcast(world, summary, dev)
@@ -487,8 +487,7 @@ def _summary(spec: RunSpec, model: torch.nn.Module, folder: RunFolder, env: dict
         "plain": shortcut == "none",
         "shortcut": shortcut,
         # From the built blocks, so a bottleneck net says 3 (its spec leaves the field unset).
-        "layers_per_block": max(b.num_layers for b in model.modules()
-                                if isinstance(b, ResidualBlock)),
+        "layers_per_block": layers_per_block(model),
         "iterations": recipe.iterations,
         "seed": recipe.seed,
         "params": sum(p.numel() for p in model.parameters()),
@@ -546,6 +545,7 @@ def load_trained(path: Path, device: str = "cpu") -> Trained:
         model = build_model(
             spec.model, num_classes=meta["num_classes"], in_channels=meta["in_channels"],
             shortcut=spec.shortcut, layout=spec.layout, layers_per_block=spec.layers_per_block,
+            input_size=meta.get("input_size"),
         )
         model.load_state_dict(state, strict=True)
         norm = meta["normalization"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from reslab import build_model, list_models
 from reslab.complexity import count_params, describe
-from reslab.models import SHORTCUTS, ResidualBlock, ZeroPadShortcut
+from reslab.models import SHORTCUTS, ResidualBlock, ZeroPadShortcut, model_family
 
 CIFAR_PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
 
@@ -121,7 +121,7 @@ def test_every_listed_model_forward():
         if name == "resnet1202":
             continue  # counted on meta above; same code path as resnet110 with n=200
         model = build_model(name).eval()
-        size = 32 if model.conv1.kernel_size == (3, 3) else 224
+        size = {"cifar": 32, "imagenet": 224}.get(model_family(name), 28)  # twins: 28x28
         with torch.no_grad():
             out = model(torch.randn(1, 3, size, size))
         assert out.shape == (1, model.fc.out_features), name
