@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_dataset, write_image_folder
 from PIL import Image
 
+from conftest import make_dataset, write_image_folder
 from reslab import build_model
 from reslab.cli import main
 from reslab.complexity import count_params, describe
@@ -67,9 +67,12 @@ def test_a_residual_stack_at_initialisation_passes_its_input_through_each_shortc
     for arm in ("res", "plain"):
         torch.manual_seed(0)
         model = build_model(f"{arm}{kind}", in_channels=1, zero_init_residual=True).eval()
-        seen = []
-        hooks = [b.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
-                 for b in model.blocks]
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def keep(_m, i, o, seen=seen):
+            seen.append((i[0], o))
+
+        hooks = [b.register_forward_hook(keep) for b in model.blocks]
         with torch.no_grad():
             model(torch.rand(5, 1, 28, 28))
         for h in hooks:
