@@ -312,74 +312,111 @@ def _data_spec(data: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import ImageTree, open_data
-    from .evaluate import evaluate
+    """Test error of one run, or of an ensemble of runs (their softmax scores averaged, Table 5)
+    beside each member's."""
+    from .data import open_data
+    from .ensemble import EnsembleError, ensemble
     from .train import load_trained
 
-    model, mean, std, spec, names, _ = load_trained(args.run, device=args.device)
+    members = [load_trained(run, device=args.device) for run in args.runs]
     data = open_data(args.data, skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
+    for run, trained in zip(args.runs, members, strict=True):
+        _check_eval_data(args, run, trained, data)
+    records = [_eval_one(args, trained, data) for trained in members]
+    if len(members) == 1:
+        record, label = records[0], members[0].spec.model
+    else:
+        try:
+            joint = ensemble(members, args.runs, precision=args.precision)
+        except EnsembleError as e:
+            raise UsageError(str(e)) from None
+        record = _eval_one(args, joint, data)
+        record = {**record, "model": [t.spec.model for t in members],
+                  "members": [{"run": str(run), **r} for run, r in zip(args.runs, records,
+                                                                       strict=True)]}
+        label = f"ensemble of {len(members)}"
+        if not args.json:
+            for run, r in zip(args.runs, records, strict=True):
+                print(f"  member {run}: {_error_line(r)}")
+    if args.json:
+        print(json.dumps({**record, "data": args.data}))
+    else:
+        protocol = f" ({record['protocol']})" if "protocol" in record else ""
+        print(f"{label} on {args.data}{protocol}: {_error_line(record)}")
+    return 0
+
+
+def _check_eval_data(args: argparse.Namespace, run: Path, trained, data) -> None:  # noqa: ANN001
+    """The data has the run's channels, classes (in order) and, for per-pixel means, size."""
+    from .data import ImageTree
+
+    model, mean, spec, names = trained.model, trained.mean, trained.spec, trained.classes
     if data.in_channels != model.in_channels:
-        raise UsageError(f"{args.data} has {data.in_channels}-channel images but the model takes "
-                         f"{model.in_channels}")
+        raise UsageError(f"{args.data} has {data.in_channels}-channel images but {run} takes "
+                         f"{model.in_channels}-channel ones")
     outputs = model.fc.out_features  # the training data's classes, unless --num-classes was given
     if data.num_classes > outputs or (spec.num_classes is None and data.num_classes != outputs):
-        raise UsageError(f"{args.data} has {data.num_classes} classes but {args.run} was trained "
+        raise UsageError(f"{args.data} has {data.num_classes} classes but {run} was trained "
                          f"on {outputs}; evaluate it on data with the same classes")
     # Equal counts are not enough: label i must mean what it meant in training.
     if names is not None and (bad := next((i for i, name in enumerate(data.classes)
                                            if i >= len(names) or names[i] != name), None)
                               ) is not None:
         there = repr(names[bad]) if bad < len(names) else "no class"
-        raise UsageError(f"{args.data}'s class {bad} is {data.classes[bad]!r} but {args.run} was "
+        raise UsageError(f"{args.data}'s class {bad} is {data.classes[bad]!r} but {run} was "
                          f"trained with {there} as class {bad}; its error there would be "
                          "meaningless: evaluate on data with the training classes, in order")
-    precision = args.precision or spec.recipe.precision
     if isinstance(data, ImageTree):
-        return _eval_tree(args, model, mean, std, spec, data, precision)
+        return
     if args.protocol is not None:
         raise UsageError(f"--protocol {args.protocol} is for photographs streamed from an image "
                          f"folder; {args.data} is held in memory and tested on its single view "
                          "(Sec. 4.2)")
     if mean.ndim == 3 and tuple(mean.shape[1:]) != data.image_size:
         raise UsageError(f"{args.data} has {data.image_size[0]}x{data.image_size[1]} images but "
-                         f"{args.run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
+                         f"{run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
                          "mean); resize the images to the training size")
-    error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
-                           precision=precision, memory_format=torch.channels_last)
-    if args.json:
-        print(json.dumps({"test_error": error, "test_loss": loss, "model": spec.model,
-                          "data": args.data, "images": len(data.test_images),
-                          "precision": precision}))
-    else:
-        print(f"{spec.model} on {args.data}: test error {100 * error:.2f}%, "
-              f"test loss {loss:.4f} ({len(data.test_images)} images, {precision})")
-    return 0
 
 
-def _eval_tree(args, model, mean, std, spec, tree, precision) -> int:  # noqa: ANN001
-    """`reslab eval` on an image tree: the --protocol's top-1 and top-5 error."""
+def _eval_one(args: argparse.Namespace, trained, data) -> dict:  # noqa: ANN001
+    """One record of `trained` on `data`: test error and loss in memory, or the --protocol's
+    top-1 and top-5 error on an image tree."""
+    import torch
+
+    from .data import ImageTree
+    from .evaluate import evaluate
+
+    model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
+    # An ensemble runs each member in its own precision unless --precision says otherwise.
+    precision = args.precision or ("fp32" if hasattr(model, "members")
+                                   else spec.recipe.precision)
+    shown = args.precision or spec.recipe.precision
+    if not isinstance(data, ImageTree):
+        error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
+                               precision=precision, memory_format=torch.channels_last)
+        return {"test_error": error, "test_loss": loss, "model": spec.model,
+                "images": len(data.test_images), "precision": shown}
     from .feed import default_workers
     from .protocols import evaluate_tree
 
-    r = evaluate_tree(model, tree.test, mean, std, protocol=args.protocol or "centre",
+    r = evaluate_tree(model, data.test, mean, std, protocol=args.protocol or "centre",
                       precision=precision, skip_bad_images=args.skip_bad_images,
                       workers=default_workers() if args.workers is None else args.workers)
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} bad image(s) (--skip-bad-images): "
               + "; ".join(r["skipped"][:3]), file=sys.stderr)
-    if args.json:
-        print(json.dumps({"top1_error": r["top1_error"], "top5_error": r["top5_error"],
-                          "test_loss": r["loss"], "protocol": r["protocol"], "model": spec.model,
-                          "data": args.data, "images": r["images"], "precision": precision,
-                          "skipped": len(r["skipped"])}))
-    else:
-        print(f"{spec.model} on {args.data} ({r['protocol']}): top-1 error "
-              f"{100 * r['top1_error']:.2f}%, top-5 error {100 * r['top5_error']:.2f}% "
-              f"({r['images']} images, {precision})")
-    return 0
+    return {"top1_error": r["top1_error"], "top5_error": r["top5_error"],
+            "test_loss": r["loss"], "protocol": r["protocol"], "model": spec.model,
+            "images": r["images"], "precision": shown, "skipped": len(r["skipped"])}
+
+
+def _error_line(r: dict) -> str:
+    if "test_error" in r:
+        return (f"test error {100 * r['test_error']:.2f}%, test loss {r['test_loss']:.4f} "
+                f"({r['images']} images, {r['precision']})")
+    return (f"top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
+            f"{100 * r['top5_error']:.2f}% ({r['images']} images, {r['precision']})")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -726,8 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="test error of a trained run")
-    p.add_argument("run", type=Path, help="finished run folder or its model.safetensors")
+    p = sub.add_parser("eval", help="test error of a trained run, or of an ensemble of runs")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="finished run folder or its model.safetensors; several: their ensemble "
+                   "(softmax scores averaged, as the paper's Table 5), beside each member")
     p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.add_argument("--device", default="auto",
