@@ -56,8 +56,25 @@ def arms_for(kind: str, exp: Experiment, depths: Sequence[int]) -> list[Arm]:
     return arms
 
 
-def _verdict(holds: bool) -> str:
+# Below this many iterations, or with a test error near chance, a run's final errors say nothing
+# about the paper's claims: the report says "too short to judge" instead of a verdict.
+MIN_JUDGED_ITERATIONS = 500
+NEAR_CHANCE = 0.8  # a test error above 80% of chance's (1 - 1/classes) is near chance
+
+
+def _verdict(holds: bool, judged: bool = True) -> str:
+    if not judged:
+        return "too short to judge"
     return "agrees" if holds else "does not agree"
+
+
+def _judged(results: Sequence[dict[str, Any]], labels: Sequence[str],
+            num_classes: int | None) -> bool:
+    """Whether every run of `labels` is long enough, and off chance, to carry a verdict."""
+    chance = None if num_classes is None else 1 - 1 / num_classes
+    return all(r.get("iterations", MIN_JUDGED_ITERATIONS) >= MIN_JUDGED_ITERATIONS
+               and (chance is None or r["final_test_error"] < NEAR_CHANCE * chance)
+               for r in results if r["label"] in labels)
 
 
 def _mean_final(results, label: str, key: str) -> float | None:
@@ -65,7 +82,8 @@ def _mean_final(results, label: str, key: str) -> float | None:
     return statistics.mean(r[key] for r in rs) if rs else None
 
 
-def claims(results: Sequence[dict[str, Any]], runs_dir: Path | None = None) -> list[str]:
+def claims(results: Sequence[dict[str, Any]], runs_dir: Path | None = None,
+           num_classes: int | None = None) -> list[str]:
     """The paper's Fig. 6 claims, checked on our numbers (final training error, mean of seeds);
     with `runs_dir`, also at how many of the logged points along the way each held (the paper:
     plain-56 above plain-20 "throughout"), from the first seeds' metrics."""
@@ -84,8 +102,9 @@ def claims(results: Sequence[dict[str, Any]], runs_dir: Path | None = None) -> l
         holds = b > a if expect == "higher" else b < a
         along = "" if runs_dir is None else _along_the_way(results, runs_dir, first, second,
                                                             expect)
+        judged = _judged(results, (first, second), num_classes)
         out.append(f"- {verb} ({first} vs {second}, paper: {expect}): {pct(b)}% vs {pct(a)}% "
-                   f"→ {_verdict(holds)}{along}")
+                   f"→ {_verdict(holds, judged)}{along}")
     return out
 
 
@@ -105,7 +124,8 @@ def _along_the_way(results: Sequence[dict[str, Any]], runs_dir: Path, first: str
     return f"; {expect} at {held} of {len(steps)} logged points"
 
 
-def ladder_claims(results: Sequence[dict[str, Any]]) -> list[str]:
+def ladder_claims(results: Sequence[dict[str, Any]], num_classes: int | None = None
+                  ) -> list[str]:
     """Table 6's claim, each deeper ResNet testing lower, on our numbers (final test error,
     mean of seeds), beside the paper's pair where Table 6 has both depths."""
     out = []
@@ -115,8 +135,9 @@ def ladder_claims(results: Sequence[dict[str, Any]]) -> list[str]:
         b = _mean_final(results, f"ResNet-{deep}", "final_test_error")
         pa, pb = PAPER_TABLE6.get(shallow), PAPER_TABLE6.get(deep)
         paper = f"{pb:.2f}% vs {pa:.2f}%, lower" if pa and pb else "lower"
+        judged = _judged(results, (f"ResNet-{shallow}", f"ResNet-{deep}"), num_classes)
         out.append(f"- deeper ResNets test lower (ResNet-{deep} vs ResNet-{shallow}, paper: "
-                   f"{paper}): {pct(b)}% vs {pct(a)}% → {_verdict(b < a)}")
+                   f"{paper}): {pct(b)}% vs {pct(a)}% → {_verdict(b < a, judged)}")
     return out
 
 
@@ -211,6 +232,7 @@ def reproduce(kind: str, exp: Experiment, depths: Sequence[int] | None = None) -
     t0 = time.time()
     arms = arms_for(kind, exp, depths)
     results = run_arms(arms, exp, dataset)
+    classes = None if dataset is None else dataset.num_classes
     if not exp.report_only:
         print(f"all runs finished or reused in {time.time() - t0:.0f} s")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,14 +249,15 @@ def reproduce(kind: str, exp: Experiment, depths: Sequence[int] | None = None) -
         title = f"Table 6 (ResNets on {data})"
         if results:
             plot_fig6(results, runs_dir, out_dir / "curves.png", panels=(("ResNets", "ResNet"),))
-        checked = ladder_claims(results) or ["- not enough finished runs to compare yet"]
+        checked = ladder_claims(results, classes) or ["- not enough finished runs to compare yet"]
         sections += ["## The paper's claims on our numbers", "", *checked, "",
                      "![training (dashed) and test (bold) error](curves.png)", ""]
     elif kind == "fig6":
         title = f"Figure 6 (plain nets vs ResNets on {data})"
         if results:
             plot_fig6(results, runs_dir, out_dir / "fig6.png")
-        checked = claims(results, runs_dir) or ["- not enough finished runs to compare yet"]
+        checked = claims(results, runs_dir, classes) or [
+            "- not enough finished runs to compare yet"]
         sections += ["## The paper's claims on our numbers", "", *checked, "",
                      "![Figure 6](fig6.png)", ""]
     else:

@@ -269,3 +269,25 @@ def test_response_claims_compare_mean_stds():
         "- deeper ResNets respond less (ResNet-56 vs ResNet-20, paper: smaller): 2.000 vs 1.500 "
         "→ does not agree",
     ]
+
+
+def test_a_run_too_short_or_near_chance_is_too_short_to_judge():
+    """Issue 38.9: 30 iterations of training error say nothing about the paper's claims."""
+    long, short = {"iterations": 8_000}, {"iterations": 30}
+    results = [_result("plain-8", 8, 0.10, 0.2) | long, _result("plain-14", 14, 0.2, 0.3) | long]
+    assert rp.claims(results)[0].endswith("→ agrees")
+    results[1] |= short
+    assert rp.claims(results)[0].endswith("→ too short to judge")
+    ladder = [_result("ResNet-20", 20, 0.02, 0.12) | long, _result("ResNet-32", 32, 0.01, 0.11)
+              | long]
+    assert rp.ladder_claims(ladder, num_classes=10)[0].endswith("→ agrees")
+    ladder[1]["final_test_error"] = 0.85  # 10 classes: chance is 90%
+    assert rp.ladder_claims(ladder, num_classes=10)[0].endswith("→ too short to judge")
+    assert rp.ladder_claims(ladder)[0].endswith("→ does not agree")  # classes unknown
+
+
+def test_a_tiny_schedule_evaluates_and_checkpoints_at_its_end_only():
+    r = ex.study_recipe(30, 0)
+    assert (r.eval_every, r.checkpoint_every, r.log_interval) == (30, 30, 1)
+    assert ex.study_recipe(1_000, 0).eval_every == 100
+    assert ex.study_recipe(64_000, 0).eval_every == 3_200  # the committed runs' cadence
