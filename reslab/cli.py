@@ -156,6 +156,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import models
     from .complexity import describe
 
+    if args.pretrained:
+        from .pretrained import info_pretrained
+
+        print(info_pretrained(args.model, as_json=args.json))
+        return 0
     names = models.list_models() if args.all else [args.model]
     if not names or names == [None]:
         raise UsageError("give a MODEL (e.g. resnet20) or --all; valid: " + ", ".join(
@@ -307,9 +312,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data import ImageTree, open_data
     from .evaluate import evaluate
-    from .train import load_trained
+    from .pretrained import load_source
 
-    model, mean, std, spec, names, _ = load_trained(args.run, device=args.device)
+    model, mean, std, spec, names, _ = load_source(args.run, device=args.device)
     data = open_data(args.data, skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
     if data.in_channels != model.conv1.in_channels:
@@ -630,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(models.list_models())} (or --all)")
     p.add_argument("--all", action="store_true",
                    help="every model of the paper, as a table (default: off)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="reslab's released weights (name, data, iterations, test error); with "
+                   "a released NAME as MODEL, its model card (default: off)")
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.add_argument("--input-size", type=_positive_int,
                    help="input side in pixels (default: 32 for CIFAR nets, 224 for ImageNet nets)")
@@ -703,7 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero each block's last BN scale (not the paper's; default: off)")
     p.add_argument("--init-from", metavar="SOURCE",
                    help="start from trained weights: a finished run folder, a reslab "
-                   "model.safetensors or a torchvision state dict (.pth, read without running "
+                   "model.safetensors, a released name (reslab info --pretrained), "
+                   "torchvision:WEIGHTS (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1, from "
+                   "torch.hub's cache) or a torchvision state dict (.pth, read without running "
                    "code); a classifier of another size is re-initialised (default: He init)")
     p.add_argument("--freeze", metavar="PARTS",
                    help="comma-separated parts kept fixed, BN statistics included: stem, "
@@ -715,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test error of a trained run")
-    p.add_argument("run", type=Path, help="finished run folder or its model.safetensors")
+    p.add_argument("run", type=Path, help="finished run folder or its model.safetensors, a "
+                   "released name (reslab info --pretrained) or torchvision:WEIGHTS")
     p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.add_argument("--device", default="auto",
@@ -735,8 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="the top-k classes of images, from a trained run or its "
                        "exported .onnx")
-    p.add_argument("run", type=Path, help="finished run folder, its model.safetensors, or an .onnx "
-                   "exported from one")
+    p.add_argument("run", type=Path, help="finished run folder, its model.safetensors, an .onnx "
+                   "exported from one, a released name (reslab info --pretrained) or "
+                   "torchvision:WEIGHTS (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1)")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="image files, or folders searched for images")
     p.add_argument("--top-k", type=_positive_int, default=5,
