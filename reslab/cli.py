@@ -616,7 +616,28 @@ def _version() -> str:
             return "not installed"
 
     return f"reslab {__version__} (torch {installed('torch')}, torchvision " \
-           f"{installed('torchvision')})"
+           f"{installed('torchvision')}; JPEG decoder: {_jpeg_decoder()})"
+
+
+def _jpeg_decoder() -> str:
+    """Which JPEG decoder the photo loader uses (data/jpeg.py's test, without importing torch)."""
+    import ctypes
+
+    library = Path(__file__).resolve().parent / "data" / "_jpeg_region.so"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError:
+        return "whole images (the region decoder is not built: a C compiler and libjpeg-turbo's " \
+            "headers at install)"
+    return f"libjpeg-turbo regions ({library.name})"
+
+
+class _Version(argparse.Action):
+    """argparse's version action wraps the line at the terminal's width; this prints it whole."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:  # noqa: ANN001
+        print(_version())
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,8 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reslab",
         description="Deep Residual Learning for Image Recognition (He et al. 2016), exactly.",
     )
-    parser.add_argument("--version", action="version", version=_version(),
-                        help="reslab's, torch's and torchvision's versions")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="reslab's, torch's and torchvision's versions and the JPEG decoder")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="parameters, multiply-adds and stage sizes of a model")
