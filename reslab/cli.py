@@ -632,7 +632,7 @@ def _jpeg_decoder() -> str:
     return f"libjpeg-turbo regions ({library.name})"
 
 
-class _Version(argparse.Action):
+class _Version(argparse._VersionAction):
     """argparse's version action wraps the line at the terminal's width; this prints it whole."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:  # noqa: ANN001
@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reslab",
         description="Deep Residual Learning for Image Recognition (He et al. 2016), exactly.",
     )
-    parser.add_argument("--version", action=_Version, nargs=0,
+    parser.add_argument("--version", action=_Version,
                         help="reslab's, torch's and torchvision's versions and the JPEG decoder")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

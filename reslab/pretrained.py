@@ -202,8 +202,9 @@ def load_source(source: str | os.PathLike, device: str = "cpu") -> Trained:
     if is_pretrained(source) and not Path(source).exists():
         return load_pretrained(str(source), device)
     if not Path(source).exists():
-        raise ValueError(f"{source}: no such run folder or weights file, and not a released "
-                         f"name ({', '.join(RELEASES)}) or torchvision:WEIGHTS")
+        raise ValueError(f"no model.safetensors at {source}: give a finished run folder or its "
+                         "weights file, a released name (reslab info --pretrained) or "
+                         "torchvision:WEIGHTS")
     return load_trained(Path(source), device=device)
 
 

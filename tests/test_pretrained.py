@@ -141,7 +141,9 @@ def test_hub_resnet56_pretrained_error_equals_its_card():
     data = open_data("cifar10-jpeg")
     error, _ = evaluate(model, data.test_images, data.test_labels, model.pretrained_cfg["mean"],
                         None, precision="bf16", memory_format=torch.channels_last)
-    assert error == pretrained.RELEASES[R56].test_error
+    # Measured here: 16.99% against the card's 16.98% (one image of 10,000 flips: bf16 kernels
+    # of another CPU than the training machine's); a wrong model or normalisation is far off.
+    assert abs(error - pretrained.RELEASES[R56].test_error) <= 2 / len(data.test_labels)
 
 
 def test_hub_pretrained_refuses_other_options_and_nets_without_weights():
