@@ -156,6 +156,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import models
     from .complexity import describe
 
+    if args.pretrained:
+        from .pretrained import info_pretrained
+
+        print(info_pretrained(args.model, as_json=args.json))
+        return 0
     names = models.list_models() if args.all else [args.model]
     if not names or names == [None]:
         raise UsageError("give a MODEL (e.g. resnet20) or --all; valid: " + ", ".join(
@@ -316,9 +321,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     beside each member's."""
     from .data import open_data
     from .ensemble import EnsembleError, ensemble
-    from .train import load_trained
+    from .pretrained import load_source
 
-    members = [load_trained(run, device=args.device) for run in args.runs]
+    members = [load_source(run, device=args.device) for run in args.runs]
     data = open_data(args.data, skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
     for run, trained in zip(args.runs, members, strict=True):
@@ -660,7 +665,28 @@ def _version() -> str:
             return "not installed"
 
     return f"reslab {__version__} (torch {installed('torch')}, torchvision " \
-           f"{installed('torchvision')})"
+           f"{installed('torchvision')}; JPEG decoder: {_jpeg_decoder()})"
+
+
+def _jpeg_decoder() -> str:
+    """Which JPEG decoder the photo loader uses (data/jpeg.py's test, without importing torch)."""
+    import ctypes
+
+    library = Path(__file__).resolve().parent / "data" / "_jpeg_region.so"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError:
+        return "whole images (the region decoder is not built: a C compiler and libjpeg-turbo's " \
+            "headers at install)"
+    return f"libjpeg-turbo regions ({library.name})"
+
+
+class _Version(argparse._VersionAction):
+    """argparse's version action wraps the line at the terminal's width; this prints it whole."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:  # noqa: ANN001
+        print(_version())
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -670,8 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reslab",
         description="Deep Residual Learning for Image Recognition (He et al. 2016), exactly.",
     )
-    parser.add_argument("--version", action="version", version=_version(),
-                        help="reslab's, torch's and torchvision's versions")
+    parser.add_argument("--version", action=_Version,
+                        help="reslab's, torch's and torchvision's versions and the JPEG decoder")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="parameters, multiply-adds and stage sizes of a model")
@@ -679,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(models.list_models())} (or --all)")
     p.add_argument("--all", action="store_true",
                    help="every model of the paper, as a table (default: off)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="reslab's released weights (name, data, iterations, test error); with "
+                   "a released NAME as MODEL, its model card (default: off)")
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.add_argument("--input-size", type=_positive_int,
                    help="input side in pixels (default: 32 for CIFAR nets, 224 for ImageNet nets)")
@@ -752,7 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero each block's last BN scale (not the paper's; default: off)")
     p.add_argument("--init-from", metavar="SOURCE",
                    help="start from trained weights: a finished run folder, a reslab "
-                   "model.safetensors or a torchvision state dict (.pth, read without running "
+                   "model.safetensors, a released name (reslab info --pretrained), "
+                   "torchvision:WEIGHTS (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1, from "
+                   "torch.hub's cache) or a torchvision state dict (.pth, read without running "
                    "code); a classifier of another size is re-initialised (default: He init)")
     p.add_argument("--freeze", metavar="PARTS",
                    help="comma-separated parts kept fixed, BN statistics included: stem, "
@@ -765,8 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="test error of a trained run, or of an ensemble of runs")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
-                   help="finished run folder or its model.safetensors; several: their ensemble "
-                   "(softmax scores averaged, as the paper's Table 5), beside each member")
+                   help="finished run folder or its model.safetensors, a released name (reslab "
+                   "info --pretrained) or torchvision:WEIGHTS; several: their ensemble (softmax "
+                   "scores averaged, as the paper's Table 5), beside each member")
     p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.add_argument("--device", default="auto",
@@ -786,8 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="the top-k classes of images, from a trained run or its "
                        "exported .onnx")
-    p.add_argument("run", type=Path, help="finished run folder, its model.safetensors, or an .onnx "
-                   "exported from one")
+    p.add_argument("run", type=Path, help="finished run folder, its model.safetensors, an .onnx "
+                   "exported from one, a released name (reslab info --pretrained) or "
+                   "torchvision:WEIGHTS (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1)")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="image files, or folders searched for images")
     p.add_argument("--top-k", type=_positive_int, default=5,

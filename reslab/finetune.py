@@ -24,7 +24,12 @@ CLASSIFIER = ("fc.weight", "fc.bias")
 
 def resolve_source(source: str | Path) -> Path:
     """The weights file of a source: a run folder's model.safetensors, or the file itself; a
-    clear error for anything else."""
+    clear error for anything else. A released name or torchvision:WEIGHTS (pretrained.py) is
+    its file: the released one's SHA-256 checked, torchvision's from torch.hub's cache."""
+    from .pretrained import is_pretrained, weights_file
+
+    if is_pretrained(source) and not Path(source).exists():
+        return weights_file(str(source))
     path = Path(source).expanduser()
     if path.is_dir():
         path = path / WEIGHTS

@@ -66,9 +66,9 @@ def open_predictor(source: Path, *, device: str = "cpu", precision: str | None =
         return Predictor(onnx, None, None, onnx.classes, onnx.in_channels, onnx.input_size,
                          onnx.photos, source.name, any_size=False)
     from .export import input_size_of, trained_on_photos
-    from .train import load_trained
+    from .pretrained import load_source
 
-    trained = load_trained(source, device=device)
+    trained = load_source(source, device=device)
     model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
     photos, size = trained_on_photos(trained), input_size_of(trained)
     precision = precision or spec.recipe.precision

@@ -1,5 +1,6 @@
 """A region of a JPEG decoded without the rest: libjpeg-turbo's cropped and skipped scanlines
-(jpeg_region.c, built by `make` into _jpeg_region.so beside this file, called through ctypes).
+(jpeg_region.c, built by `pip install` (setup.py) or `make` into _jpeg_region.so beside this
+file, called through ctypes).
 
 Sec. 3.4's 224x224 training window of an image scaled to a shorter side in [256, 480] is
 resampled from about a third of an ImageNet-sized photograph's pixels; decoding only those
@@ -13,6 +14,7 @@ views, slower (`reslab data bench` says which decoder ran).
 from __future__ import annotations
 
 import ctypes
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -22,13 +24,17 @@ LIBRARY = Path(__file__).with_name("_jpeg_region.so")
 MARGIN = 2  # pixels around the region, inside which its pixels equal the full decode's
 _MESSAGE = 256
 _RGB_SPACES = (1, 2, 3)  # libjpeg's JCS_GRAYSCALE, JCS_RGB, JCS_YCbCr: converted to RGB by it
+_NOTED = False
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
     if not LIBRARY.exists():
         return None
-    lib = ctypes.CDLL(str(LIBRARY))
+    try:
+        lib = ctypes.CDLL(str(LIBRARY))
+    except OSError:  # built, but libjpeg is not loadable here: decode whole images
+        return None
     c_int_p = ctypes.POINTER(ctypes.c_int)
     lib.reslab_jpeg_header.argtypes = [ctypes.c_char_p, ctypes.c_ulong, c_int_p, c_int_p,
                                        c_int_p, ctypes.c_char_p, ctypes.c_int]
@@ -42,6 +48,19 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the region decoder is built (`make` builds it: gcc and libjpeg's headers)."""
     return _library() is not None
+
+
+def note_fallback() -> None:
+    """Say once per process, on stderr, that whole JPEGs are decoded because the region
+    decoder is not built (pip builds it where a compiler and libjpeg's headers exist)."""
+    global _NOTED
+    if available() or _NOTED:
+        return
+    _NOTED = True
+    print(f"reslab: note: the JPEG region decoder is not built ({LIBRARY.name} is missing or "
+          "cannot load libjpeg): decoding whole JPEGs instead, the same views, slower; install "
+          "gcc and libjpeg-turbo's headers (Debian: libjpeg62-turbo-dev) and reinstall reslab "
+          "(pip install . or make)", file=sys.stderr)
 
 
 def read_header(data: bytes) -> tuple[int, int] | None:

@@ -179,6 +179,8 @@ def train_batches(items: tuple[tuple[str, int], ...], stream: BatchStream, *, se
     is not advanced here: train() advances it as it trains); `part`: a rank's slice of each
     global batch (distributed.World.shard); `regions=False` decodes every JPEG whole (the same
     views, slower: for the benchmark)."""
+    if regions:
+        jpeg.note_fallback()  # once, here in the main process: not in each worker
     order = _Order(len(items), stream.batch_size, stream.seed, stream.state_dict(), part)
     loader = DataLoader(
         _TrainViews(items, seed, augmentation, colour, regions), batch_sampler=order,
