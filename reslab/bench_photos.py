@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import DataError
+from .data.workers import DieWithParent
+
 # ImageNet's training JPEGs: ~110 KB and ~470x400 px on average; a few are several megapixels.
 PHOTO_SIZE = (470, 400)
 
@@ -67,6 +70,43 @@ def write_photo_tree(root: Path, classes: int = 4, per_class: int = 40, val_per_
             "mean_kb": statistics.mean(sizes), "images": len(sizes)}
 
 
+class _Named(torch.utils.data.Dataset):
+    """A dataset of files whose bad images come back as a message naming the file, raised in
+    the main process by _checked: raised in a worker, it would come back as the worker's whole
+    traceback."""
+
+    def __init__(self, data: torch.utils.data.Dataset, paths: list[str]) -> None:
+        self.data, self.paths = data, paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from .data.folder import _BAD_IMAGE
+
+        try:
+            return self.data[index]
+        except _BAD_IMAGE as e:  # DataError (a ValueError) names the file already
+            return str(e) if isinstance(e, DataError) else \
+                f"cannot decode image {self.paths[index]}: {e}"
+
+
+def _collate_named(samples: list):
+    bad = [s for s in samples if isinstance(s, str)]
+    return bad if bad else torch.utils.data.default_collate(samples)
+
+
+def _checked(batches, root: Path):
+    """The batches, or a DataError naming the first bad image: the benchmark needs them all."""
+    for batch in batches:
+        bad = getattr(batch, "bad", None) or (batch if isinstance(batch, list) and batch
+                                              and isinstance(batch[0], str) else None)
+        if bad:
+            raise DataError(f"{bad[0]}; a benchmark reads every image: `reslab data check "
+                            f"{root}` lists the bad ones")
+        yield batch
+
+
 def _reference_loader(root: Path, batch_size: int, workers: int):
     """What a torchvision user writes for Sec. 3.4's training views (without the lighting noise,
     which torchvision does not have)."""
@@ -78,11 +118,14 @@ def _reference_loader(root: Path, batch_size: int, workers: int):
         v2.RandomCrop(224), v2.RandomHorizontalFlip(),
     ])
     data = datasets.ImageFolder(str(Path(root) / "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+    loader = torch.utils.data.DataLoader(_Named(data, [p for p, _ in data.samples]),
+                                         batch_size=batch_size, shuffle=True,
                                          num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0,
+                                         collate_fn=_collate_named,
+                                         worker_init_fn=DieWithParent())
     while True:  # epoch after epoch, as a training loop draws them
-        yield from loader
+        yield from _checked(loader, root)
 
 
 def _reslab_loader(root: Path, batch_size: int, workers: int, regions: bool = True):
@@ -91,8 +134,8 @@ def _reslab_loader(root: Path, batch_size: int, workers: int, regions: bool = Tr
 
     tree = open_tree(Path(root))
     stream = BatchStream(len(tree.train), batch_size, seed=0)
-    return train_batches(tree.train, stream, seed=0, augmentation="scale", colour=True,
-                         workers=workers, skip_bad_images=False, regions=regions)
+    return _checked(train_batches(tree.train, stream, seed=0, augmentation="scale", colour=True,
+                                  workers=workers, skip_bad_images=False, regions=regions), root)
 
 
 class _DecodeOnly:
@@ -116,11 +159,14 @@ def _decode_loader(root: Path, batch_size: int, workers: int):
     from .data import open_tree
 
     paths = [p for p, _ in open_tree(Path(root)).train]
-    loader = torch.utils.data.DataLoader(_DecodeOnly(paths), batch_size=batch_size, shuffle=True,
+    loader = torch.utils.data.DataLoader(_Named(_DecodeOnly(paths), paths),
+                                         batch_size=batch_size, shuffle=True,
                                          num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0,
+                                         collate_fn=_collate_named,
+                                         worker_init_fn=DieWithParent())
     while True:
-        for batch in loader:
+        for batch in _checked(loader, root):
             yield batch, batch
 
 
@@ -189,8 +235,8 @@ def bench_train_photos(root: Path, model: str, *, workers: int, batch_size: int 
     step = build_step(net, make_optimizer(net, recipe, dev), None, None, mean.to(dev), None,
                       recipe, window, compile_model=False, compile_mode=None, cuda_graphs=None)
     stream = BatchStream(len(tree.train), batch_size, seed=0)
-    batches = train_batches(tree.train, stream, seed=0, augmentation="scale", colour=True,
-                            workers=workers, skip_bad_images=False)
+    batches = _checked(train_batches(tree.train, stream, seed=0, augmentation="scale",
+                                     colour=True, workers=workers, skip_bad_images=False), root)
 
     def ours() -> float:
         for i in range(2):

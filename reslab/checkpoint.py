@@ -210,9 +210,56 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
     _atomic_write(Path(path), safetensors_bytes(tensors, metadata=meta))
 
 
+# What a file given where weights are expected is instead (file_kind), and the fix.
+_NOT_WEIGHTS = {
+    "onnx": "an ONNX model, not a weights file: give the run folder it was exported from, or "
+            "its model.safetensors (reslab predict also runs the .onnx itself)",
+    "torch-export": "a torch.export program (.pt2, for torch.export.load), not a weights file: "
+                    "give the run folder it was exported from, or its model.safetensors",
+    "torch-save": "a torch.save archive, not a reslab weights file: give a run folder or its "
+                  "model.safetensors (a torchvision state dict goes to train --init-from)",
+    "image": "an image, not a weights file: give a run folder or its model.safetensors",
+}
+
+
+def file_kind(path: Path) -> str:
+    """What a model file is by its first bytes, whatever its name: "safetensors", "onnx",
+    "torch-export" (a .pt2 program), "torch-save" (another zip archive of torch's), "image",
+    or "unknown"."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return "unknown"  # the reader names the reason
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "unknown"
+        return "torch-export" if any(n.endswith("/archive_format") for n in names) \
+            else "torch-save"
+    if head[:1] == b"\x08":  # ModelProto's first field, ir_version (a varint)
+        return "onnx"
+    from PIL import Image
+
+    try:
+        with Image.open(path):  # the header only
+            return "image"
+    except Exception:  # noqa: BLE001 (PIL raises many types for what it cannot identify)
+        return "unknown"
+
+
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and reslab metadata from a safetensors file written by save_weights, checked
     against the digest it was written with (files written before the digest have none)."""
+    if (kind := file_kind(path)) in _NOT_WEIGHTS:
+        raise CheckpointError(f"{path} is {_NOT_WEIGHTS[kind]}")
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:

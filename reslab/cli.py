@@ -60,6 +60,16 @@ _positive_int, _count = _number(int, 1), _number(int, 0)
 _positive, _non_negative_float = _number(float, 0, strict=True), _number(float, 0)
 
 
+def _workers(text: str) -> int:
+    """An argparse type: a worker count this machine can run (data.workers.check_workers)."""
+    from .data.workers import check_workers
+
+    try:
+        return check_workers(_count(text), what="")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     from . import models
 
@@ -103,7 +113,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
                    help="an image folder held in memory or streamed from its files by worker "
                    "processes (default: auto, streamed if its images exceed 64 px)")
-    p.add_argument("--workers", type=_count,
+    p.add_argument("--workers", type=_workers,
                    help="loader processes for streamed images (default: one per core, at "
                    "most 8)")
     p.add_argument("--sync-bn", action="store_true",
@@ -280,6 +290,9 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
         fields["freeze"] = tuple(part_names(args.model)[:-1])  # everything but fc
     elif args.freeze is not None:
         fields["freeze"] = tuple(p.strip() for p in args.freeze.split(",") if p.strip())
+        if not fields["freeze"]:
+            raise UsageError(f"--freeze {args.freeze!r} names no part; give some of "
+                             f"{', '.join(part_names(args.model))}, comma-separated, or omit it")
     if (args.freeze is not None or args.linear_probe) and args.init_from is None:
         print("note: freezing parts of a freshly initialised network trains only the rest "
               "on random features; --init-from gives them trained weights", file=sys.stderr)
@@ -420,16 +433,22 @@ def _error_line(r: dict) -> str:
     if "test_error" in r:
         return (f"test error {100 * r['test_error']:.2f}%, test loss {r['test_loss']:.4f} "
                 f"({r['images']} images, {r['precision']})")
-    return (f"top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
-            f"{100 * r['top5_error']:.2f}% ({r['images']} images, {r['precision']})")
+    top5 = "n/a (5 classes or fewer)" if r["top5_error"] is None else \
+        f"{100 * r['top5_error']:.2f}%"
+    return (f"top-1 error {100 * r['top1_error']:.2f}%, top-5 error {top5} "
+            f"({r['images']} images, {r['precision']})")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-k classes per image; exit 1 if any image could not be predicted."""
+    """Top-k classes per image; exit 2 (a user's error) if any image could not be predicted,
+    each named in one line (the others are still predicted)."""
     import numpy as np
 
     from .predict import Prediction, class_name, list_images, open_predictor, predict
 
+    if args.features is not None and args.features.with_suffix(".txt") == args.features:
+        raise UsageError(f"--features {args.features}: its images are listed in "
+                         f"{args.features}; give the features a name ending .npy")
     predictor = open_predictor(args.run, device=args.device, precision=args.precision)
     files = list_images(args.images)
     done: list[Prediction] = []
@@ -443,7 +462,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     f"{class_name(predictor, i)} ({100 * p:.1f}%)" for i, p in result.top))
         else:
             failed.append(result)
-            print(f"reslab predict: {result[1]}", file=sys.stderr)
+            print(f"reslab predict: error: {result[1]}", file=sys.stderr)
     # Images in folders named after the model's classes (a test/ split): their top-1 error.
     labelled = [(r, Path(r.path).parent.name) for r in done]
     known = predictor.classes is not None and bool(labelled) and all(
@@ -452,7 +471,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if known:
         error = sum(class_name(predictor, r.top[0][0]) != name for r, name in labelled) / len(done)
     if args.features is not None and done:
-        np.save(args.features, np.stack([r.features for r in done]).astype(np.float32))
+        with open(args.features, "wb") as f:  # the name given: np.save(name) would add .npy
+            np.save(f, np.stack([r.features for r in done]).astype(np.float32))
         rows = Path(args.features).with_suffix(".txt")
         rows.write_text("".join(f"{r.path}\n" for r in done))
         print(f"features ({len(done)} x {done[0].features.shape[0]}) in {args.features}, their "
@@ -466,18 +486,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "failed": [{"path": path, "error": message} for path, message in failed],
             **({"top1_error": error} if error is not None else {}),
         }))
-    else:
+    elif done:  # with nothing predicted, the failures' lines say it all
         tail = f"; {len(failed)} could not be read" if failed else ""
         where = (f"; top-1 error {100 * error:.2f}% (their folders name their classes)"
                  if error is not None else "")
         print(f"{len(done)} image(s) predicted{tail}{where}", file=sys.stderr)
-    return 1 if failed else 0
+    return 2 if failed else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    path = export_run(args.run, args.format, args.out,
+    path = export_run(args.run, args.format, args.out, overwrite=args.overwrite,
                       input_size=None if args.input_size is None else tuple(args.input_size))
     print(f"wrote {path}")
     return 0
@@ -534,6 +554,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     tree, problems = check_tree(args.folder, workers=args.workers or 0)
     n = len(tree.train) + len(tree.test)
+    if args.json:
+        print(json.dumps({"folder": str(args.folder), "images": n,
+                          "classes": tree.num_classes, "bad": problems,
+                          "ignored": list(tree.ignored_files)}, indent=2))
+        return 2 if problems else 0
     for message in problems:
         print(message)
     if tree.ignored_files:
@@ -812,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "224 crop, 10 crops, or whole images at 5 scales (default: centre)")
     p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
                    help="an image folder held in memory or streamed (default: auto)")
-    p.add_argument("--workers", type=_count,
+    p.add_argument("--workers", type=_workers,
                    help="loader processes for streamed images (default: one per core, at most 8)")
     p.set_defaults(func=cmd_eval)
 
@@ -848,7 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "normalisation and the BN-folded network inside) or torch-export (.pt2) "
                    "(required)")
     p.add_argument("--out", type=Path,
-                   help="output file (default: model.onnx or model.pt2 beside the weights)")
+                   help="output file, never an existing one without --overwrite nor a run's "
+                   "own (default: model.onnx or model.pt2 beside the weights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (never the run's weights, metrics or "
+                   "other own files) (default: off, an existing file is an error)")
     p.add_argument("--input-size", type=_positive_int, nargs=2, metavar=("H", "W"),
                    help="image size the export takes (default: the run's training size)")
     p.set_defaults(func=cmd_export)
@@ -857,7 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "time its loader against torchvision's")
     p.add_argument("action", choices=("check", "bench"), help="check or bench")
     p.add_argument("folder", type=Path, help="an ImageFolder tree (train/ and val/ or test/)")
-    p.add_argument("--workers", type=_count,
+    p.add_argument("--workers", type=_workers,
                    help="decoding processes (default: one per core; bench: at most 8)")
     p.add_argument("--batch-size", type=_positive_int, default=64,
                    help="bench: images per batch (default: 64)")
@@ -906,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda, train only (default: cpu)")
     p.add_argument("--data", type=Path,
                    help="photos: the image folder (default: none; photos needs one)")
-    p.add_argument("--workers", type=_count,
+    p.add_argument("--workers", type=_workers,
                    help="photos: loader processes (default: one per core, at most 8)")
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.set_defaults(func=cmd_bench)

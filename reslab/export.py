@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .checkpoint import WEIGHTS, CheckpointError, _atomic_write
-from .models import ResidualBlock, model_family
-from .train import Trained, load_trained
+from .models import ResidualBlock, check_input_size, model_family
+from .runfolder import is_run_file
+from .train import Trained, check_class_names, load_trained
 
 __all__ = ["FORMATS", "OnnxModel", "export_onnx", "export_program", "export_run",
            "fold_batch_norm", "input_size_of", "load_onnx", "mean_at", "onnx_metadata",
@@ -89,10 +90,9 @@ def input_size_of(trained: Trained, input_size: tuple[int, int] | None = None) -
     per-pixel mean's, or the family's (Sec. 4.2: 32x32 on CIFAR; Sec. 3.4: the 224x224 crop on
     ImageNet and for any run trained on photographs)."""
     if input_size is not None:
-        if len(input_size) != 2 or not all(isinstance(s, int) and s > 0 for s in input_size):
-            raise ValueError(f"input size must be two positive integers (H, W), got "
-                             f"{input_size!r}")
-        return int(input_size[0]), int(input_size[1])
+        shown = " ".join(map(str, input_size)) if isinstance(input_size, list | tuple) \
+            else repr(input_size)
+        return check_input_size(trained.spec.model, input_size, f"--input-size {shown}")
     if trained.input_size is not None:
         return int(trained.input_size[0]), int(trained.input_size[1])
     if trained.mean.ndim == 3:
@@ -156,13 +156,21 @@ def _traced(trained: Trained, size: tuple[int, int]
     return _wrap(trained, size), (example,), {INPUT_NAME: {0: torch.export.Dim("N", min=1)}}
 
 
-def _check_writable(out: Path) -> Path:
-    """A clear error before any work for an output that cannot (or must not) be written."""
+def _check_writable(out: Path, overwrite: bool = False) -> Path:
+    """A clear error before any work for an output that cannot (or must not) be written: an
+    existing file is replaced only when `overwrite` says so, and a run's own files (its
+    weights, metrics, recipe, checkpoints, ...) never are, since resuming and evaluating read
+    them back."""
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"{out} is a folder; give a file name for the export")
     if not out.parent.is_dir():
         raise ValueError(f"no folder {out.parent} for {out}; create it or give another path")
+    if is_run_file(out) or is_run_file(out.resolve()):
+        raise ValueError(f"{out} is one of the run folder's own files, which an export never "
+                         "replaces; give another --out (e.g. model.onnx)")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ValueError(f"{out} exists; give another --out, or --overwrite to replace it")
     # The mode bits, not os.access: root may write anything, but a write-protected file is the
     # user saying "keep this" (and the atomic rename would replace it regardless).
     if out.exists() and not out.stat().st_mode & 0o222:
@@ -179,8 +187,8 @@ def _write(out: Path, data: bytes) -> None:
         raise ValueError(f"cannot write {out}: {e.__cause__ or e}") from e
 
 
-def export_onnx(trained: Trained, out: Path, *,
-                input_size: tuple[int, int] | None = None) -> Path:
+def export_onnx(trained: Trained, out: Path, *, input_size: tuple[int, int] | None = None,
+                overwrite: bool = False) -> Path:
     """Write `trained` as a self-contained ONNX model to `out` and return the path.
 
     Input "images": uint8 (N, C, H, W), 0-255, dynamic N, H and W fixed (input_size_of);
@@ -188,7 +196,7 @@ def export_onnx(trained: Trained, out: Path, *,
     BN-folded network. The file passes onnx.checker's full check before it is written."""
     import onnx
 
-    out = _check_writable(Path(out))
+    out = _check_writable(Path(out), overwrite)
     size = input_size_of(trained, input_size)
     wrapper, example, dynamic = _traced(trained, size)
     # The dynamo exporter (on torch.export, via onnxscript): the TorchScript one still runs in
@@ -207,12 +215,12 @@ def export_onnx(trained: Trained, out: Path, *,
     return out
 
 
-def export_program(trained: Trained, out: Path, *,
-                   input_size: tuple[int, int] | None = None) -> Path:
+def export_program(trained: Trained, out: Path, *, input_size: tuple[int, int] | None = None,
+                   overwrite: bool = False) -> Path:
     """Write `trained` as a torch.export program (.pt2, torch.export.save) to `out`: the same
     uint8-in graph as export_onnx, a dynamic batch; the metadata in its extra file
     "reslab.json". torch.export.load(out).module()(images_uint8) gives the logits."""
-    out = _check_writable(Path(out))
+    out = _check_writable(Path(out), overwrite)
     size = input_size_of(trained, input_size)
     wrapper, example, dynamic = _traced(trained, size)
     with torch.no_grad():
@@ -230,16 +238,20 @@ _EXPORTERS: dict[str, Callable[..., Path]] = {
 
 
 def export_run(source: Path, fmt: str, out: Path | None = None, *,
-               input_size: tuple[int, int] | None = None) -> Path:
+               input_size: tuple[int, int] | None = None, overwrite: bool = False) -> Path:
     """Export a finished run folder (or its weights file) as `fmt` ("onnx" or "torch-export");
-    by default to model.onnx / model.pt2 beside the weights (input_size: see input_size_of)."""
+    by default to model.onnx / model.pt2 beside the weights (input_size: see input_size_of).
+    An existing `out` is replaced only with `overwrite`; the weights and the run's own files
+    never are."""
     if fmt not in _EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     source = Path(source)
     weights = source / WEIGHTS if source.is_dir() else source
     out = weights.with_suffix(FORMATS[fmt]) if out is None else Path(out)
-    _check_writable(out)  # before loading: a bad --out fails at once
-    return _EXPORTERS[fmt](load_trained(source), out, input_size=input_size)
+    if out.resolve() == weights.resolve():
+        raise ValueError(f"--out {out} is the weights being exported; give another path")
+    _check_writable(out, overwrite)  # before loading: a bad --out fails at once
+    return _EXPORTERS[fmt](load_trained(source), out, input_size=input_size, overwrite=overwrite)
 
 
 class OnnxModel:
@@ -286,6 +298,27 @@ class OnnxModel:
             raise ValueError(f"{self.path} does not take one uint8 input; export it again with "
                              "this reslab")
         self._input = inputs[0].name
+        self._check_metadata(meta, inputs[0].shape, self.session.get_outputs()[0].shape)
+
+    def _check_metadata(self, meta: dict[str, str], shape: list, out_shape: list) -> None:
+        """The metadata, validated like command-line values and against the graph it
+        describes: a size the net can take, the graph's own channels, size and outputs, a
+        class name per output."""
+        try:
+            spec = json.loads(meta[f"{META}spec"])
+            self.input_size = check_input_size(
+                spec["model"], json.loads(meta[f"{META}input_size"]),
+                f"its input_size {meta[f'{META}input_size']}")
+            graph = [d if isinstance(d, int) else None for d in (*shape[1:], out_shape[-1])]
+            said = [self.in_channels, *self.input_size, self.num_classes]
+            if len(graph) != 4 or any(g is not None and g != m for g, m in zip(graph, said,
+                                                                                strict=True)):
+                raise ValueError(f"its in_channels, input_size and num_classes {said} differ "
+                                 f"from its graph's {graph}")
+            check_class_names(self.classes, self.num_classes, spec.get("num_classes"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.path} has malformed reslab metadata ({e}); export the run "
+                             "again with `reslab export RUN --format onnx`") from e
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, *self.input_size)

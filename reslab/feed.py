@@ -10,7 +10,6 @@ every rank reports the same error.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from .data import BatchStream, DataError, Dataset, ImageTree, channel_stats, pixel_mean
 from .data.stream import StreamedBatch, train_batches, tree_stats
+from .data.workers import default_workers
 from .distributed import World, all_sum
 from .evaluate import evaluate
 from .protocols import evaluate_tree
@@ -35,12 +35,6 @@ def _shard(n: int, world: World) -> slice:
 class BadImage(DataError):
     """A bad image met mid-run without --skip-bad-images; the run's stream is at the batch
     that holds it, so a checkpoint saved now resumes at that batch."""
-
-
-def default_workers() -> int:
-    """Loader processes: one per core up to 8 (decoding a 110 KB JPEG and Sec. 3.4's resize
-    take ~10 ms of one core, so 8 feed ~800 images/s; more workers help a larger machine)."""
-    return min(8, os.cpu_count() or 1)
 
 
 class MemoryFeed:
@@ -113,8 +107,9 @@ class TreeFeed:
         batch = next(self._loader)
         failing = bool(batch.bad) and not self.skip_bad_images
         if all_sum(self.world, [float(failing)], self.device)[0]:  # every rank stops together
-            raise BadImage(batch.bad[0] if failing else "a bad image in another rank's share of "
-                           "the batch (named in that rank's output)")
+            raise BadImage(f"{batch.bad[0]}, or pass --skip-bad-images" if failing else
+                           "a bad image in another rank's share of the batch (named in that "
+                           "rank's output)")
         stream.next()
         self.skipped += len(batch.bad)
         if not len(batch.labels):
@@ -130,12 +125,12 @@ class TreeFeed:
                 r = evaluate_tree(model, items[_shard(len(items), self.world)], mean, std,
                                   protocol="centre", precision=self.recipe.precision,
                                   workers=self.workers, skip_bad_images=self.skip_bad_images)
-                n = r["images"]
+                n, no_top5 = r["images"], r["top5_error"] is None  # no_top5: <= 5 classes
                 top1, top5, loss, total = all_sum(self.world, [
-                    round(r["top1_error"] * n), round(r["top5_error"] * n), r["loss"] * n, n],
-                    mean.device)
-                record[f"{split}_error"], record[f"{split}_top5_error"] = (top1 / total,
-                                                                            top5 / total)
+                    round(r["top1_error"] * n), 0 if no_top5 else round(r["top5_error"] * n),
+                    r["loss"] * n, n], mean.device)
+                record[f"{split}_error"] = top1 / total
+                record[f"{split}_top5_error"] = None if no_top5 else top5 / total
                 record[f"{split}_loss"] = loss / total
         return record
 

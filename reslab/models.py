@@ -375,6 +375,26 @@ def default_shortcut(name: str) -> str:
     return "A" if model_family(name) == "cifar" else "B"
 
 
+# The largest input side an export or a weights file may name: 6x the paper's largest testing
+# scale (640, Sec. 3.4); a larger one is a typo that would allocate gigabytes.
+MAX_INPUT_SIDE = 4096
+
+
+def check_input_size(name: str, size: object, what: str) -> tuple[int, int]:
+    """(H, W) of `size` if `name` can take images of that size, else a ValueError naming
+    `what` (the option or metadata field and its value): each side at least the net's
+    down-sampling (Table 1: 32 on ImageNet nets, 224 -> 7x7; Sec. 4.2: 4 on CIFAR nets,
+    32 -> 8x8), below which the last stage sees less than one pixel of the image, and at most
+    MAX_INPUT_SIDE."""
+    low = 32 if model_family(name) == "imagenet" else 4
+    sides = list(size) if isinstance(size, list | tuple) else []
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool)
+                                  and low <= s <= MAX_INPUT_SIDE for s in sides):
+        raise ValueError(f"{what} is not an image size {name} can take: two sides (H W) of "
+                         f"{low} to {MAX_INPUT_SIDE} pixels ({name} down-samples by {low})")
+    return int(sides[0]), int(sides[1])
+
+
 def part_names(name: str) -> list[str]:
     """The parts of a named network that --freeze takes (ResNet.part_names), without building
     it: stem, its stages (three on CIFAR, four on ImageNet), fc; stem, blocks, fc for the

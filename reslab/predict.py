@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, normalize
-from .data.folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _decode_image
+from .data.folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _decode_image, _listed
 from .data.photo_augment import (
     CROP,
     MULTI_SCALES,
@@ -55,8 +55,14 @@ class Predictor:
 def open_predictor(source: Path, *, device: str = "cpu", precision: str | None = None
                    ) -> Predictor:
     """A Predictor for a run folder, a model.safetensors, or an .onnx exported from one."""
+    from .checkpoint import file_kind
+
     source = Path(source)
-    if source.suffix == ".onnx":
+    kind = "folder" if source.is_dir() else file_kind(source)
+    if kind == "image":
+        raise ValueError(f"{source} is an image, not a model: the model comes first, then the "
+                         "images (reslab predict RUN IMAGE ...)")
+    if source.suffix == ".onnx" or kind == "onnx":  # by its bytes too: a name without suffix
         if precision not in (None, "fp32"):
             raise ValueError(f"--precision {precision}: an ONNX model runs in the precision it "
                              "was exported in (fp32)")
@@ -104,9 +110,8 @@ def list_images(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and p.suffix.lower() in _IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(p for p in path.rglob("*")
+                           if p.suffix.lower() in _IMAGE_SUFFIXES and _listed(p, path))
             if not found:
                 raise DataError(f"{path} holds no images ({'/'.join(_IMAGE_SUFFIXES)})")
             files += found
@@ -211,7 +216,7 @@ def predict(predictor: Predictor, files: Sequence[Path], *, top_k: int = 5,
             except DataError as e:
                 yield str(path), str(e)
             except _BAD_IMAGE as e:
-                yield str(path), f"cannot decode image {path}: {e}"
+                yield str(path), f"cannot decode image {path}: {e}; fix or delete it"
         if not views:
             continue
         x = torch.stack(views)  # (B, V, C, H, W)

@@ -51,7 +51,7 @@ def evaluate_tree(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    top1 = top5 = n = 0
+    top1 = top5 = n = outputs = 0
     loss_sum = 0.0
     skipped: list[str] = []
 
@@ -66,8 +66,8 @@ def evaluate_tree(
             good = []
             for entry in batch:
                 if isinstance(entry, str):
-                    if not skip_bad_images:
-                        raise DataError(entry)
+                    if not skip_bad_images:  # eval and train have the flag (predict not)
+                        raise DataError(f"{entry}, or pass --skip-bad-images")
                     skipped.append(entry)
                 else:
                     good.append(entry)
@@ -83,7 +83,8 @@ def evaluate_tree(
                 views = torch.stack([v for v, _ in good])  # (B, V, 3, 224, 224)
                 b, v = views.shape[:2]
                 probs = scores(views.flatten(0, 1)).view(b, v, -1).mean(1)
-            k = min(5, probs.shape[1])
+            outputs = probs.shape[1]
+            k = min(5, outputs)
             best = probs.topk(k, dim=1).indices
             top1 += (best[:, 0] == labels).sum().item()
             top5 += (best == labels[:, None]).any(1).sum().item()
@@ -93,5 +94,7 @@ def evaluate_tree(
         model.train(was_training)
     if n == 0:
         raise DataError("no test image could be evaluated (all were bad)")
-    return {"protocol": protocol, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n,
+    # With 5 classes or fewer every label is in the top 5: no error to report (None), not 0.
+    top5_error = 1 - top5 / n if outputs > 5 else None
+    return {"protocol": protocol, "top1_error": 1 - top1 / n, "top5_error": top5_error,
             "loss": loss_sum / n, "images": n, "skipped": skipped}

@@ -83,6 +83,14 @@ _RUN_FILES = ("recipe.json", "env.json", METRICS, SUMMARY, WEIGHTS, "tb", LOCK, 
               ".*.tmp*", "model.*.safetensors", "summary.*.json")
 
 
+def is_run_file(path: Path) -> bool:
+    """Whether `path` is (or would be) one of the files train() keeps in a run folder (the
+    folder holds recipe.json or the weights): files nothing else may write."""
+    folder = Path(path).parent
+    return ((folder / "recipe.json").exists() or (folder / WEIGHTS).exists()) and \
+        any(Path(path).match(g) for g in _RUN_FILES)
+
+
 # Top-level spec fields added after run folders existed, with the defaults that mean what such a
 # folder did (train.RunSpec).
 ADDED_SPEC_FIELDS: dict[str, Any] = {"init_from": None, "init_sha256": None, "freeze": []}

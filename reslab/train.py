@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import BatchStream, DataError, Dataset, ImageTree, open_data
+from .data.workers import check_workers
 from .distributed import (
     all_sum,
     broadcast,
@@ -41,7 +43,13 @@ from .distributed import (
     world_from_env,
 )
 from .feed import BadImage, MemoryFeed, make_feed
-from .models import build_model, default_shortcut, layers_per_block, model_family
+from .models import (
+    build_model,
+    check_input_size,
+    default_shortcut,
+    layers_per_block,
+    model_family,
+)
 from .recipes import Plateau, Recipe, learning_rate
 from .runfolder import RunFolder, RunFolderError, environment, weights_metadata
 from .runtime import algorithms, resolve_device, resolve_precision, stop_signals
@@ -376,6 +384,8 @@ def check_start(spec: RunSpec, run_dir: Path, options: TrainOptions, *, compare:
     the model and its options, the run folder (compare: against this spec; else only that it can
     be a run folder). Returns the device, the spec with its precision resolved, and the
     iterations of a run it extends (RunFolder.check)."""
+    if options.workers is not None:
+        check_workers(options.workers)
     dev = resolve_device(options.device)
     if options.cuda_graphs and dev.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {dev}; omit --cuda-graphs")
@@ -465,7 +475,7 @@ def _log(tb, bar: tqdm, record: dict[str, Any], iterations: int, evaluating: boo
     """A metrics record to TensorBoard, the progress bar and, at an evaluation, one line."""
     if tb is not None:
         for k, v in record.items():
-            if k not in ("step", "epoch", "time"):
+            if k not in ("step", "epoch", "time") and v is not None:  # None: not defined
                 tb.add_scalar(k, v, record["step"])
     bar.set_postfix(loss=f"{record['train_loss']:.3f}", err=f"{100 * record['train_error']:.1f}%")
     if evaluating:
@@ -527,6 +537,16 @@ class Trained(NamedTuple):
     input_size: tuple[int, int] | None = None
 
 
+def check_class_names(classes: Sequence[str] | None, outputs: int,
+                      asked: int | None) -> None:
+    """Class names read from a file fit its classifier: one per output, or fewer where the run
+    asked for more outputs than its data's classes (--num-classes); else a ValueError."""
+    if classes is None:
+        return
+    if len(classes) > outputs or (asked is None and len(classes) != outputs):
+        raise ValueError(f"{len(classes)} class names for {outputs} outputs")
+
+
 def load_trained(path: Path, device: str = "cpu") -> Trained:
     """The Trained model of a run folder or of a model.safetensors written by train(), its
     checksum verified."""
@@ -542,10 +562,13 @@ def load_trained(path: Path, device: str = "cpu") -> Trained:
                               "a model.safetensors written by `reslab train`")
     try:  # the metadata is JSON, never code, but it may still be malformed
         spec = RunSpec.from_dict(meta["spec"])
+        size = meta.get("input_size")
+        input_size = None if size is None else check_input_size(
+            spec.model, size, f"its input_size {json.dumps(size)}")
         model = build_model(
             spec.model, num_classes=meta["num_classes"], in_channels=meta["in_channels"],
             shortcut=spec.shortcut, layout=spec.layout, layers_per_block=spec.layers_per_block,
-            input_size=meta.get("input_size"),
+            input_size=input_size,
         )
         model.load_state_dict(state, strict=True)
         norm = meta["normalization"]
@@ -555,10 +578,9 @@ def load_trained(path: Path, device: str = "cpu") -> Trained:
             raise ValueError(f"normalisation mean of shape {tuple(mean.shape)} for "
                              f"{meta['in_channels']}-channel images")
         classes = None if meta.get("classes") is None else tuple(map(str, meta["classes"]))
-        if classes is not None and len(classes) > meta["num_classes"]:
-            raise ValueError(f"{len(classes)} class names for {meta['num_classes']} outputs")
-        size = meta.get("input_size") or (mean.shape[1:] if mean.ndim == 3 else None)
-        input_size = None if size is None else (int(size[0]), int(size[1]))
+        check_class_names(classes, meta["num_classes"], spec.num_classes)
+        if input_size is None and mean.ndim == 3:
+            input_size = (int(mean.shape[1]), int(mean.shape[2]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{weights} has malformed reslab metadata or weights ({type(e).__name__}: "

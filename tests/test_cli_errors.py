@@ -5,6 +5,7 @@ a closed output pipe, Ctrl-C during start-up, and help text with every option's 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -45,13 +46,30 @@ def places(tmp_path_factory, finished):
     run = root / "run"  # 20 iterations, lr divided at 10 and 15, as the command line trains it
     assert main(["train", "resnet8", "--data", str(finished.folder), "--out", str(run),
                  "--iterations", "20", "--batch-size", "16", "--no-progress"]) == 0
+    # Weights whose metadata was edited, tensors and digest intact (issue 38, item 4).
+    _edited(run / "model.safetensors", root / "no-size.safetensors", input_size=[0, -3])
+    _edited(run / "model.safetensors", root / "few-names.safetensors", classes=["c0", "c1"])
     return {"file": root / "a-file", "photos": root / "photos", "run": run,
-            "data": finished.folder, "other": other}
+            "data": finished.folder, "other": other, "no_size": root / "no-size.safetensors",
+            "few_names": root / "few-names.safetensors",
+            "image": sorted((finished.folder / "test" / "c0").iterdir())[0]}
+
+
+def _edited(weights: Path, out: Path, **changes) -> None:
+    """A copy of `weights` with its reslab metadata changed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta = json.loads(f.metadata()["reslab"])
+    save_file(load_file(str(weights)), str(out),
+              metadata={"reslab": json.dumps({**meta, **changes})})
 
 
 TRAIN = ["train", "resnet8", "--data", "{data}", "--out", "{new}", "--iterations", "2",
          "--batch-size", "16", "--no-progress"]
 EVAL = ["eval", "{run}", "--data", "{data}", "--device", "cpu"]
+EXPORT = ["export", "{run}", "--format", "onnx", "--out", "{new}.onnx"]
 
 # (arguments, what the one line must say, the path that must be left as it was)
 BAD_INVOCATIONS = [
@@ -113,6 +131,38 @@ BAD_INVOCATIONS = [
     (["reproduce", "table6", "--data", "{data}", "--out", "{new}", "--seeds", "0"],
      "argument --seeds: must be >= 1 (got 0)", "{new}"),
     (["bench", "train", "resnet20", "--steps", "0"], "argument --steps: must be >= 1", "{new}"),
+    # Issue 38. 1: an export replaces no file it did not create, and never the run's own.
+    (EXPORT[:4] + ["--out", "{run}/model.safetensors"], "--out {run}/model.safetensors is the "
+     "weights being exported; give another path", "{run}"),
+    (EXPORT[:4] + ["--out", "{run}/metrics.jsonl", "--overwrite"], "{run}/metrics.jsonl is one "
+     "of the run folder's own files, which an export never replaces", "{run}"),
+    (EXPORT[:4] + ["--out", "{file}"], "{file} exists; give another --out, or --overwrite to "
+     "replace it", "{file}"),
+    (EXPORT[:4] + ["--out", "{photos}/holiday.jpg"], "{photos}/holiday.jpg exists; give another "
+     "--out, or --overwrite", "{photos}"),
+    # 2: worker counts bounded by the machine.
+    ([*TRAIN, "--workers", "1000"], f"argument --workers: 1000 is more worker processes than "
+     f"this machine's {os.cpu_count()} cores; give 0 to {os.cpu_count()}", "{new}"),
+    (["data", "check", "{data}", "--workers", "1000"], "argument --workers: 1000 is more",
+     "{data}"),
+    # 4: metadata validated like a command-line value.
+    (["export", "{no_size}", "--format", "onnx", "--out", "{new}.onnx"], "its input_size [0, -3] "
+     "is not an image size resnet8 can take: two sides (H W) of 4 to 4096", "{new}.onnx"),
+    (["predict", "{no_size}", "{image}"], "its input_size [0, -3] is not an image size", "{new}"),
+    (["predict", "{few_names}", "{image}"], "2 class names for 3 outputs", "{new}"),
+    # 5: --input-size bounded both ways.
+    (EXPORT + ["--input-size", "100000", "100000"], "--input-size 100000 100000 is not an image "
+     "size resnet8 can take: two sides (H W) of 4 to 4096 pixels", "{new}.onnx"),
+    (EXPORT + ["--input-size", "1", "1"], "--input-size 1 1 is not an image size", "{new}.onnx"),
+    # 7: predict's arguments swapped, a bad image, its own .pt2 (test_export), weights that are
+    # an image.
+    (["predict", "{image}", "{run}"], "{image} is an image, not a model: the model comes first",
+     "{run}"),
+    (["predict", "{run}", "{photos}/holiday.jpg"], "cannot decode image {photos}/holiday.jpg: ",
+     "{photos}"),
+    (["eval", "{image}", "--data", "{data}"], "{image} is an image, not a weights file", "{new}"),
+    # 8: --freeze naming nothing.
+    ([*TRAIN, "--freeze", ","], "--freeze ',' names no part; give some of stem, conv2_x", "{new}"),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -157,6 +158,10 @@ def test_torch_export_program_gives_the_same_logits(exported, key, tmp_path):
     extra = {"reslab.json": ""}
     program = torch.export.load(path, extra_files=extra).module()
     meta = json.loads(extra["reslab.json"])
+    # Recognised by its bytes where weights are expected (issue 38, item 7), not "header too
+    # large".
+    with pytest.raises(ValueError, match="model.pt2 is a torch.export program"):
+        load_trained(path)
     assert json.loads(meta["classes"]) == list(trained.classes)
     assert json.loads(meta["input_size"]) == list(input_size_of(trained))
     for batch, seed in ((1, 4), (7, 5)):
@@ -172,8 +177,14 @@ def test_input_size_follows_the_run_the_mean_or_the_family(exported):
     assert input_size_of(exported["resnet50-v1.5-channel-mean-std"][0]) == (224, 224)
     assert input_size_of(rgb._replace(input_size=(20, 24))) == (20, 24)  # recorded by the run
     assert input_size_of(grey, (40, 36)) == (40, 36)
-    with pytest.raises(ValueError, match="two positive integers"):
-        input_size_of(rgb, (0, 32))
+    for size in ((0, 32), (3, 32), (32, 4097), (32,), (32.0, 32)):  # resnet20: 4 to 4096 px
+        with pytest.raises(ValueError, match="is not an image size resnet20 can take"):
+            input_size_of(rgb, size)
+    assert input_size_of(rgb, (4, 4096)) == (4, 4096)
+    with pytest.raises(ValueError, match=r"--input-size 16 16 is not an image size resnet50 "
+                       r"can take: two sides \(H W\) of 32 to 4096 pixels \(resnet50 "
+                       r"down-samples by 32\)"):
+        input_size_of(exported["resnet50-v1-pixel-mean"][0], (16, 16))
     # Trained on photographs (Sec. 3.4's augmentation): the 224 crop, whatever the family.
     recipe = replace(rgb.spec.recipe, augmentation="scale")
     on_photos = rgb._replace(spec=replace(rgb.spec, recipe=recipe))
@@ -199,7 +210,11 @@ def test_export_run_writes_beside_the_weights(finished, tmp_path):
     trained = load_trained(run)
     assert export_run(run, "onnx") == run / "model.onnx"
     assert export_run(run / "model.safetensors", "torch-export") == run / "model.pt2"
-    chosen = export_run(run, "onnx", tmp_path / "chosen.onnx")
+    with pytest.raises(ValueError, match="model.onnx exists; give another --out, or "
+                       "--overwrite to replace it"):
+        export_run(run, "onnx")
+    (tmp_path / "chosen.onnx").write_bytes(b"an older export")
+    chosen = export_run(run, "onnx", tmp_path / "chosen.onnx", overwrite=True)
     assert chosen == tmp_path / "chosen.onnx"
     assert load_onnx(export_run(run, "onnx", tmp_path / "16.onnx", input_size=(16, 14)),
                      threads=1).input_size == (16, 14)
@@ -214,6 +229,52 @@ def test_export_run_writes_beside_the_weights(finished, tmp_path):
                               images) < TOL
 
 
+def test_export_never_replaces_the_runs_own_files(finished, tmp_path):
+    """Issue 38, item 1: not with --overwrite, not through a link, not a file yet to come."""
+    run = finished.run
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    (tmp_path / "link.onnx").symlink_to(run / "metrics.jsonl")
+    for out in (run / "metrics.jsonl", run / "recipe.json", tmp_path / "link.onnx",
+                run / "checkpoint-0000099.pt", run / "summary.json"):
+        with pytest.raises(ValueError, match="one of the run folder's own files"):
+            export_run(run, "onnx", out, overwrite=True)
+    with pytest.raises(ValueError, match="is the weights being exported"):
+        export_run(run / "model.safetensors", "torch-export", run / "model.safetensors",
+                   overwrite=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_onnx_metadata_is_checked_like_options_and_the_file_found_by_its_bytes(exported,
+                                                                               tmp_path):
+    """Issue 38, items 4 and 7: an input size the net cannot take, fewer class names than
+    outputs or a size its graph does not have are refused by name; an .onnx renamed without
+    its suffix still predicts."""
+    from PIL import Image
+
+    from reslab.predict import open_predictor, predict
+
+    path = exported["resnet20-rgb-channel-mean-std"][1]
+    for key, value, says in (("input_size", "[0, -3]", r"its input_size \[0, -3\] is not an "
+                              "image size resnet20 can take"),
+                             ("classes", '["c0"]', "1 class names for 10 outputs"),
+                             ("input_size", "[28, 28]", r"differ from its graph's")):
+        proto = onnx.load(str(path))
+        for prop in proto.metadata_props:
+            if prop.key == f"reslab.{key}":
+                prop.value = value
+        onnx.save(proto, str(tmp_path / "edited.onnx"))
+        with pytest.raises(ValueError, match=f"edited.onnx has malformed reslab metadata "
+                           f"\\(.*{says}"):
+            load_onnx(tmp_path / "edited.onnx")
+    images = [tmp_path / f"{i}.png" for i in range(2)]
+    for i, image in enumerate(images):
+        Image.fromarray(np.full((32, 32, 3), 90 * i, np.uint8)).save(image)
+    (tmp_path / "model").write_bytes(path.read_bytes())
+    bare, named = open_predictor(tmp_path / "model"), open_predictor(path)
+    assert not bare.any_size and bare.input_size == (32, 32)
+    assert [r.top for r in predict(bare, images)] == [r.top for r in predict(named, images)]
+
+
 def test_export_run_errors_are_clear(finished, tmp_path):
     with pytest.raises(ValueError, match="unknown export format 'tflite'; valid: onnx, "
                        "torch-export"):
@@ -221,8 +282,10 @@ def test_export_run_errors_are_clear(finished, tmp_path):
     kept = tmp_path / "kept.onnx"
     kept.write_bytes(b"keep me")
     kept.chmod(0o444)
-    with pytest.raises(ValueError, match="kept.onnx exists and is not writable"):
+    with pytest.raises(ValueError, match="kept.onnx exists; give another --out, or --overwrite"):
         export_run(finished.run, "onnx", kept)
+    with pytest.raises(ValueError, match="kept.onnx exists and is not writable"):
+        export_run(finished.run, "onnx", kept, overwrite=True)
     assert kept.read_bytes() == b"keep me"
     with pytest.raises(ValueError, match="is a folder"):
         export_run(finished.run, "onnx", tmp_path)

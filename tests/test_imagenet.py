@@ -323,8 +323,12 @@ def test_protocols_average_softmax_scores_and_report_top1_and_top5(tree):
     for protocol in ("10-crop", "multi-scale"):
         r = evaluate_tree(model, items, mean, None, protocol=protocol)
         assert r["images"] == len(items) and r["protocol"] == protocol
-        assert r["top5_error"] == 0  # 3 classes: the true one is always in the top 5
+        # 3 classes: the true one is always in the top 5, so no top-5 error (not 0.00%)
+        assert r["top5_error"] is None
         assert 0 <= r["top1_error"] <= 1 and r["loss"] > 0
+    seven = evaluate_tree(build_model("resnet8", num_classes=7).eval(), items, mean, None,
+                          protocol="centre")
+    assert 0 <= seven["top5_error"] <= seven["top1_error"]
     with pytest.raises(ValueError, match="unknown --protocol 'five'"):
         evaluate_tree(model, items, mean, None, protocol="five")
 
@@ -476,7 +480,8 @@ def test_reslab_eval_protocols_and_data_check_from_the_command_line(tree, tmp_pa
         assert main(["eval", str(run), "--data", str(tree), "--protocol", protocol, "--json",
                      "--workers", "0"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert out["protocol"] == protocol and out["images"] == 6 and "top5_error" in out
+        assert out["protocol"] == protocol and out["images"] == 6
+        assert out["top5_error"] is None  # 3 classes: no top-5 error to report (issue 38)
     assert main(["data", "check", str(tree), "--workers", "1"]) == 0
     broken = tmp_path / "broken"
     photo_tree(broken, train=2, val=1)
@@ -528,6 +533,7 @@ def test_reproduce_table2_on_a_tree_writes_the_report_beside_the_papers(tmp_path
     report = (out / "report.md").read_text()
     assert "| plain-18 | 11,004,227 | 2 |" in report and "| 27.94 |" in report  # the paper's
     assert "| ResNet-18 | 11,004,227 | 2 |" in report and "| 27.88 |" in report
+    assert report.count("| n/a (≤ 5 classes) |") == 2  # not 0.00% beside the paper's top-5
     assert "degradation" not in report  # needs 34-layer nets
     assert "the cure" not in report
     cached = json.loads((out / "protocols.json").read_text())

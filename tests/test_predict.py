@@ -79,9 +79,10 @@ def test_a_bad_file_is_named_and_the_others_still_predicted(tmp_path, capsys):
     bad.write_bytes(b"not an image")
     code = main(["predict", str(MAKE_RUN), str(good), str(bad), "--top-k", "2"])
     out, err = capsys.readouterr()
-    assert code == 1  # some image failed
+    assert code == 2  # a user's error (issue 38: not 1, the code of a bug)
     assert out.startswith(f"{good}  ") and out.count("%") == 2
-    assert f"cannot decode image {bad}" in err and "1 could not be read" in err
+    assert f"reslab predict: error: cannot decode image {bad}" in err
+    assert "1 could not be read" in err and "--skip-bad-images" not in err  # predict lacks it
     assert main(["predict", str(MAKE_RUN), str(tmp_path / "none.png")]) == 2
     assert "no such image or folder" in capsys.readouterr().err
 
@@ -116,6 +117,16 @@ def test_features_are_written_for_a_folder(tmp_path, capsys):
     assert out.with_suffix(".txt").read_text().split() == [str(tmp_path / f"{i}.png")
                                                            for i in range(3)]
     assert not np.allclose(rows[0], rows[2])
+    # Without the suffix: written under the name given and reported by it (issue 38).
+    bare = tmp_path / "out" / "feats"
+    bare.parent.mkdir()
+    assert main(["predict", str(MAKE_RUN), str(tmp_path), "--features", str(bare)]) == 0
+    assert f"in {bare}, their images in order in {bare}.txt" in capsys.readouterr().err
+    assert sorted(p.name for p in bare.parent.iterdir()) == ["feats", "feats.txt"]
+    assert np.array_equal(np.load(bare), rows)
+    assert main(["predict", str(MAKE_RUN), str(tmp_path), "--features",
+                 str(tmp_path / "feats.txt")]) == 2
+    assert "give the features a name ending .npy" in capsys.readouterr().err
 
 
 def test_photo_runs_see_the_test_protocols_views(tmp_path):

@@ -7,7 +7,8 @@ small images. Files placed by the user are validated by format; downloads also b
 One concern per module, imports flowing one way: `dataset` (Dataset, DataError) <- `download` <-
 the readers `idx`, `cifar`, `folder` <- `cifar10_jpeg`, `tree` <- `load` (`load_dataset`,
 `open_data`); `stats`, `augment` and `order` need only `dataset`; `photo_augment` (Sec. 3.4) and
-`stream` (worker-process batches of a tree) build on `tree` and `order`. This module
+`stream` (worker-process batches of a tree) build on `tree` and `order`; `workers` bounds
+the worker processes and ties them to their parent. This module
 re-exports the public names; tests patch private ones in the module that looks them up.
 """
 

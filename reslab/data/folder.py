@@ -19,9 +19,25 @@ from .dataset import DataError, Dataset, _data_root
 # named (Dataset.ignored_files), never dropped silently.
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_SIDE = 64  # larger images would not fit in memory as a whole dataset of uint8 tensors
-_CACHE_VERSION = 3  # 2: 16-bit greyscale scaled to 8 bits, no longer clipped; 3: more suffixes
+# 2: 16-bit greyscale scaled to 8 bits, no longer clipped; 3: more suffixes; 4: float images
+# scaled, broken links listed
+_CACHE_VERSION = 4
 _BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
               Image.DecompressionBombWarning)
+
+
+def _deep_grey(image: Image.Image) -> np.ndarray | None:
+    """uint8 (H, W) of a greyscale image deeper than 8 bits, which PIL's convert() would clip
+    rather than scale (None for other modes): integers (16-bit PNG and TIFF, modes I;16 and I)
+    keep the high byte of 16 bits; floats (mode F, e.g. a float TIFF) are 0-1 if no value
+    exceeds 1, else 0-255, scaled and rounded (NaN as 0)."""
+    if image.mode.startswith("I"):
+        return (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        scale = 255.0 if values.size and values.max() <= 1 else 1.0
+        return np.rint(values * scale).clip(0, 255).astype(np.uint8)
+    return None
 
 
 def _decode_image(path: Path) -> np.ndarray:
@@ -29,9 +45,9 @@ def _decode_image(path: Path) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is a bad image
         with Image.open(path) as image:
-            if image.mode.startswith("I"):  # 16-bit greyscale PNG: PIL's convert("L") clips it
-                return (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
-            gray = image.mode in ("1", "L", "LA", "F")
+            if (deep := _deep_grey(image)) is not None:
+                return deep
+            gray = image.mode in ("1", "L", "LA")
             return np.asarray(image.convert("L" if gray else "RGB"))
 
 
@@ -49,6 +65,14 @@ def _class_folders(split: Path) -> list[str]:
     return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _listed(path: Path, split: Path) -> bool:
+    """Whether a path found under a split is one of its files: not hidden, and a file or a link
+    that leads to none (dangling or looping), which is listed so that decoding names it as a bad
+    image: left out, it would be neither counted nor named."""
+    return not any(part.startswith(".") for part in path.relative_to(split).parts) and \
+        (path.is_file() or (path.is_symlink() and not path.exists()))
+
+
 def _list_images(split: Path, names: list[str], classes: list[str],
                  ignored: list[str]) -> list[tuple[Path, int]]:
     """The image files of each class folder; files of other types are appended to `ignored`."""
@@ -56,7 +80,7 @@ def _list_images(split: Path, names: list[str], classes: list[str],
     for name in names:
         files = []
         for p in sorted((split / name).rglob("*")):
-            if any(part.startswith(".") for part in p.relative_to(split).parts) or not p.is_file():
+            if not _listed(p, split):
                 continue
             (files if p.suffix.lower() in _IMAGE_SUFFIXES else ignored).append(p)
         if not files:
@@ -118,7 +142,7 @@ def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
     # Keyed by every file's relative path, size and mtime: any change means decoding again.
     key = hashlib.sha256(f"{_CACHE_VERSION} {skip_bad_images}\n".encode())
     for path, _ in sorted(splits[train] + splits[test]):
-        stat = path.stat()
+        stat = path.stat() if path.exists() else path.lstat()  # a broken link: its own
         key.update(f"{path.relative_to(root).as_posix()} {stat.st_size} {stat.st_mtime_ns}\n"
                    .encode())
     cache = _data_root() / "cache" / f"{key.hexdigest()[:32]}.pt"

@@ -53,10 +53,9 @@ def check_size(image: torch.Tensor | tuple[int, int], path: str) -> None:
     h, w = image if isinstance(image, tuple) else image.shape[-2:]
     if min(h, w) < MIN_SIDE:
         raise DataError(f"image {path} is {w}x{h}, smaller than {MIN_SIDE} px a side: too small "
-                        "to crop from; remove it, or pass --skip-bad-images")
+                        "to crop from; remove it")
     if max(h, w) > MAX_ASPECT * min(h, w):
-        raise DataError(f"image {path} is {w}x{h}, more than {MAX_ASPECT}:1; crop or remove it, "
-                        "or pass --skip-bad-images")
+        raise DataError(f"image {path} is {w}x{h}, more than {MAX_ASPECT}:1; crop or remove it")
 
 
 def shorter_size(height: int, width: int, side: int) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from .photo_augment import (
     window_source,
 )
 from .tree import MAX_PIXELS, decode_rgb
+from .workers import DieWithParent
 
 
 @dataclass
@@ -186,6 +187,7 @@ def train_batches(items: tuple[tuple[str, int], ...], stream: BatchStream, *, se
         _TrainViews(items, seed, augmentation, colour, regions), batch_sampler=order,
         num_workers=workers, collate_fn=_Collate(skip_bad_images), pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=DieWithParent(),
     )
     return iter(loader)
 
@@ -218,7 +220,8 @@ def test_batches(items: tuple[tuple[str, int], ...], protocol: str, *, batch_siz
                  workers: int) -> Iterator[list]:
     """Lists of (views, label) or bad-image messages, in file order, decoded in workers."""
     loader = DataLoader(_TestViews(items, protocol), batch_size=batch_size, num_workers=workers,
-                        collate_fn=list, prefetch_factor=2 if workers > 0 else None)
+                        collate_fn=list, prefetch_factor=2 if workers > 0 else None,
+                        worker_init_fn=DieWithParent())
     return iter(loader)
 
 

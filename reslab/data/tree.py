@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from .dataset import DataError
-from .folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _class_folders, _splits
+from .folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _class_folders, _deep_grey, _listed, _splits
+from .workers import DieWithParent, check_workers, max_workers
 
 # Larger than any photograph; a file claiming more pixels is a decompression bomb (PIL's own
 # limit is ~89 Mpx, with a warning from half of it, which reslab treats as an error).
@@ -70,8 +71,7 @@ def open_tree(root: Path) -> ImageTree:
         for label, name in enumerate(classes):
             files = []
             for p in sorted((split / name).rglob("*")):
-                if any(part.startswith(".") for part in p.relative_to(split).parts) or \
-                        not p.is_file():
+                if not _listed(p, split):
                     continue
                 (files if p.suffix.lower() in _IMAGE_SUFFIXES else ignored).append(str(p))
             if not files:
@@ -135,15 +135,12 @@ def decode_rgb(path: str, shorter_at_least: int | None = None) -> torch.Tensor:
                     decoded = _decode_jpeg(data)
                     if decoded is not None:
                         return decoded
-                if image.mode.startswith("I"):  # 16-bit: PIL's convert() clips, so scale it
-                    array = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(
-                        np.uint8)
-                    array = np.repeat(array[..., None], 3, 2)
+                if (deep := _deep_grey(image)) is not None:  # PIL's convert() would clip
+                    array = np.repeat(deep[..., None], 3, 2)
                 else:
                     array = np.array(image.convert("RGB"))
     except _BAD_IMAGE as e:
-        raise DataError(f"cannot decode image {path}: {e}; fix or delete it, or pass "
-                        "--skip-bad-images") from e
+        raise DataError(f"cannot decode image {path}: {e}; fix or delete it") from e
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
@@ -156,10 +153,12 @@ def _check_one(path: str) -> str | None:
 
 
 def check_tree(root: Path, workers: int = 0) -> tuple[ImageTree, list[str]]:
-    """Decode every image of the tree in `workers` processes (0: one per core): the tree and
-    one message per bad image, so a multi-day run does not meet them on day two."""
+    """Decode every image of the tree in `workers` processes (0: one per core; never more
+    than the images): the tree and one message per bad image, so a multi-day run does not meet
+    them on day two."""
     tree = open_tree(root)
     paths = [p for p, _ in tree.train + tree.test]
-    with ProcessPoolExecutor(max_workers=workers or None) as pool:
+    workers = min(check_workers(workers) or max_workers(), len(paths))
+    with ProcessPoolExecutor(max_workers=workers, initializer=DieWithParent()) as pool:
         problems = [m for m in pool.map(_check_one, paths, chunksize=64) if m is not None]
     return tree, problems
