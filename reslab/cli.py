@@ -444,13 +444,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     each named in one line (the others are still predicted)."""
     import numpy as np
 
-    from .predict import Prediction, class_name, list_images, open_predictor, predict
+    from .ensemble import EnsembleError
+    from .predict import (
+        Prediction,
+        class_name,
+        is_model_source,
+        list_images,
+        open_predictor,
+        predict,
+    )
 
     if args.features is not None and args.features.with_suffix(".txt") == args.features:
         raise UsageError(f"--features {args.features}: its images are listed in "
                          f"{args.features}; give the features a name ending .npy")
-    predictor = open_predictor(args.run, device=args.device, precision=args.precision)
-    files = list_images(args.images)
+    # RUN RUN ... IMAGES: the leading arguments that name models make an ensemble.
+    runs, images = [args.run], list(args.images)
+    while len(images) > 1 and is_model_source(images[0]):
+        runs.append(images.pop(0))
+    if len(runs) > 1 and args.features is not None:
+        raise UsageError("--features are one net's: give a single run with --features")
+    try:
+        predictor = open_predictor(runs, device=args.device, precision=args.precision)
+    except EnsembleError as e:
+        raise UsageError(str(e)) from None
+    files = list_images(images)
     done: list[Prediction] = []
     failed: list[tuple[str, str]] = []
     for result in predict(predictor, files, top_k=args.top_k, protocol=args.protocol,
@@ -479,7 +496,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"images in order in {rows}", file=sys.stderr)
     if args.json:
         print(json.dumps({
-            "model": str(args.run), "protocol": args.protocol,
+            "model": str(args.run) if len(runs) == 1 else [str(r) for r in runs],
+            "protocol": args.protocol,
             "predictions": [{"path": r.path, "top": [
                 {"class": class_name(predictor, i), "index": i, "probability": p}
                 for i, p in r.top]} for r in done],
@@ -841,13 +859,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loader processes for streamed images (default: one per core, at most 8)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="the top-k classes of images, from a trained run or its "
-                       "exported .onnx")
+    p = sub.add_parser("predict", help="the top-k classes of images, from a trained run (or an "
+                       "ensemble of runs) or its exported .onnx")
     p.add_argument("run", type=Path, help="finished run folder, its model.safetensors, an .onnx "
                    "exported from one, a released name (reslab info --pretrained) or "
                    "torchvision:WEIGHTS (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1)")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER",
-                   help="image files, or folders searched for images")
+                   help="image files, or folders searched for images; run folders, weights "
+                   "files or released names before them join RUN in an ensemble (softmax "
+                   "scores averaged)")
     p.add_argument("--top-k", type=_positive_int, default=5,
                    help="classes shown per image (default: 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")

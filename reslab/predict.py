@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from .data.photo_augment import (
 )
 from .data.tree import decode_rgb
 from .evaluate import autocast
+
+if TYPE_CHECKING:
+    from .train import Trained
 
 PROTOCOLS = ("centre", "10-crop", "multi-scale")
 
@@ -52,29 +56,59 @@ class Predictor:
     any_size: bool = True  # takes whole images of any size (not an export of fixed size)
 
 
-def open_predictor(source: Path, *, device: str = "cpu", precision: str | None = None
-                   ) -> Predictor:
-    """A Predictor for a run folder, a model.safetensors, or an .onnx exported from one."""
+def is_model_source(path: Path) -> bool:
+    """Whether an argument of `predict` names a model rather than images: a run folder, a
+    weights or ONNX file (by its bytes), a released name or torchvision:WEIGHTS."""
+    from .checkpoint import WEIGHTS, file_kind
+    from .pretrained import is_pretrained
+
+    path = Path(path)
+    if path.is_dir():
+        return (path / WEIGHTS).exists() or (path / "recipe.json").exists()
+    if path.exists():
+        return file_kind(path) in ("safetensors", "onnx", "torch-export", "torch-save")
+    return is_pretrained(path)
+
+
+def open_predictor(source: Path | Sequence[Path], *, device: str = "cpu",
+                   precision: str | None = None) -> Predictor:
+    """A Predictor for a run folder, a model.safetensors, a released name or an .onnx exported
+    from one; for several runs, their ensemble (ensemble.py: softmax scores averaged)."""
     from .checkpoint import file_kind
 
-    source = Path(source)
-    kind = "folder" if source.is_dir() else file_kind(source)
-    if kind == "image":
-        raise ValueError(f"{source} is an image, not a model: the model comes first, then the "
-                         "images (reslab predict RUN IMAGE ...)")
-    if source.suffix == ".onnx" or kind == "onnx":  # by its bytes too: a name without suffix
-        if precision not in (None, "fp32"):
-            raise ValueError(f"--precision {precision}: an ONNX model runs in the precision it "
-                             "was exported in (fp32)")
-        from .export import load_onnx
+    sources = [Path(source)] if isinstance(source, str | Path) else [Path(s) for s in source]
+    for src in sources:
+        kind = "folder" if src.is_dir() else file_kind(src)
+        if kind == "image":
+            raise ValueError(f"{src} is an image, not a model: the model comes first, then the "
+                             "images (reslab predict RUN IMAGE ...)")
+        if src.suffix == ".onnx" or kind == "onnx":  # by its bytes too: a name without suffix
+            if len(sources) > 1:
+                raise ValueError(f"{src} is an ONNX file: an ensemble takes run folders, "
+                                 "weights files or released names")
+            if precision not in (None, "fp32"):
+                raise ValueError(f"--precision {precision}: an ONNX model runs in the precision "
+                                 "it was exported in (fp32)")
+            from .export import load_onnx
 
-        onnx = load_onnx(source)
-        return Predictor(onnx, None, None, onnx.classes, onnx.in_channels, onnx.input_size,
-                         onnx.photos, source.name, any_size=False)
-    from .export import input_size_of, trained_on_photos
+            onnx = load_onnx(src)
+            return Predictor(onnx, None, None, onnx.classes, onnx.in_channels, onnx.input_size,
+                             onnx.photos, src.name, any_size=False)
     from .pretrained import load_source
 
-    trained = load_source(source, device=device)
+    members = [load_source(src, device=device) for src in sources]
+    if len(members) == 1:
+        return _torch_predictor(members[0], precision, members[0].spec.model)
+    from .ensemble import ensemble
+
+    trained = ensemble(members, sources, precision=precision)
+    # fp32 outside: each member runs in its own precision (or --precision's) inside.
+    return _torch_predictor(trained, "fp32", f"ensemble of {len(members)}")
+
+
+def _torch_predictor(trained: Trained, precision: str | None, name: str) -> Predictor:
+    from .export import input_size_of, trained_on_photos
+
     model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
     photos, size = trained_on_photos(trained), input_size_of(trained)
     precision = precision or spec.recipe.precision
@@ -101,7 +135,7 @@ def open_predictor(source: Path, *, device: str = "cpu", precision: str | None =
         return model.fc(f.to(dev)).float().cpu()
 
     return Predictor(logits, features, head, trained.classes, model.in_channels, size,
-                     photos, spec.model)
+                     photos, name)
 
 
 def list_images(paths: Sequence[Path]) -> list[Path]:

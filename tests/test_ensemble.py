@@ -131,3 +131,32 @@ def test_an_ensemble_of_streamed_runs_takes_every_protocol(tmp_path, capsys):
         copies = _eval(capsys, members[0], members[0], "--data", tree, "--protocol", protocol,
                        "--workers", "0")
         assert copies["top1_error"] == copies["members"][0]["top1_error"]
+
+
+def test_predict_with_several_runs_averages_their_softmax_scores(runs, tmp_path, capsys):
+    from PIL import Image
+
+    folder, (r0, r1), _ = runs
+    image = tmp_path / "x.png"
+    Image.fromarray(make_dataset(n_train=8, n_test=4, size=12).test_images[0, 0].numpy()).save(
+        image)
+
+    def top(*args):
+        capsys.readouterr()
+        assert main(["predict", *map(str, args), "--json", "--top-k", "3"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return out["model"], {t["class"]: t["probability"] for t in out["predictions"][0]["top"]}
+
+    name0, p0 = top(r0, image)
+    _, p1 = top(r1, image)
+    names, both = top(r0, r1, image)
+    assert names == [str(r0), str(r1)] and name0 == str(r0)
+    for cls, p in both.items():
+        assert p == pytest.approx((p0[cls] + p1[cls]) / 2, abs=1e-5)
+    _, copies = top(r0, r0, image)
+    assert copies == pytest.approx(p0, abs=1e-6)
+    onnx = tmp_path / "r0.onnx"
+    assert main(["export", str(r0), "--format", "onnx", "--out", str(onnx)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(r0), str(onnx), str(image)]) == 2
+    assert "an ensemble takes run folders" in capsys.readouterr().err
