@@ -307,6 +307,8 @@ def train(
 
         bar = tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
                    disable=not (main and _show_progress(o)), dynamic_ncols=True)
+        # Off a terminal (a log file, nohup, CI) with no choice made, a line per log interval.
+        pace = _Pace(step, recipe) if main and o.progress is None and bar.disable else None
         with algorithms(dev, o.deterministic), stop_signals() as stop, \
                 _writer(folder, o, step, main) as tb, bar:
             model.train()
@@ -365,6 +367,8 @@ def train(
                     if main:
                         folder.append_metrics(record)
                         _log(tb, bar, record, recipe.iterations, evaluating)
+                        if pace is not None and not evaluating:
+                            print(pace.line(record), flush=True)
                 if saving:
                     path = checkpoint()
                     if stopping and step < recipe.iterations:
@@ -460,6 +464,24 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: B
 
 def _show_progress(options: TrainOptions) -> bool:
     return sys.stderr.isatty() if options.progress is None else options.progress
+
+
+class _Pace:
+    """The line a run prints per log interval when no progress bar is shown: iteration, lr,
+    loss, error, images/s and the time left, at the pace since the last line."""
+
+    def __init__(self, step: int, recipe: Recipe) -> None:
+        self.step, self.t, self.recipe = step, time.perf_counter(), recipe
+
+    def line(self, record: dict[str, Any]) -> str:
+        now, step, r = time.perf_counter(), record["step"], self.recipe
+        per_step = (now - self.t) / max(step - self.step, 1)
+        self.step, self.t = step, now
+        left = int(per_step * (r.iterations - step))
+        return (f"iteration {step}/{r.iterations}  lr {record['lr']:g}  loss "
+                f"{record['train_loss']:.3f}  train error {100 * record['train_error']:.2f}%  "
+                f"{r.batch_size / max(per_step, 1e-9):,.0f} images/s  "
+                f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
 
 
 def _writer(folder: RunFolder, options: TrainOptions, step: int, main: bool = True):

@@ -273,3 +273,20 @@ def test_cuda_graphs_need_a_cuda_device(tmp_path, tiny_data):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         train(_spec(iterations=4), tmp_path / "run", data=tiny_data,
               options=TrainOptions(device="cpu", cuda_graphs=True, tensorboard=False))
+
+
+def test_off_a_terminal_a_run_prints_a_line_per_log_interval(tmp_path, tiny_data, capsys):
+    """Issue 38.11: nohup, CI or a pipe see the run progress (no tqdm bar off a terminal)."""
+    folder = write_image_folder(tmp_path / "imgs", tiny_data)
+    base = ["train", "resnet8", "--data", str(folder), "--iterations", "12", "--log-every", "3",
+            "--eval-every", "6", "--batch-size", "16"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0  # stderr is no terminal here
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("iteration ")]
+    paced = [line for line in lines if "images/s" in line]
+    assert [line.split()[1] for line in paced] == ["3/12", "9/12"]  # 6 and 12 evaluate
+    assert all(" lr 0.1 " in paced[0] and " loss " in line and line.endswith(" left")
+               for line in paced)
+    assert len(lines) == 4
+    assert main([*base, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "images/s" not in capsys.readouterr().out  # asked for quiet: evaluations only
