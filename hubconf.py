@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from reslab.models import list_models as _list_models
 from reslab.pretrained import hub_model
 
 dependencies = ["torch", "torchvision", "safetensors"]
@@ -26,10 +27,12 @@ dependencies = ["torch", "torchvision", "safetensors"]
 def _entry(name: str) -> Callable[..., nn.Module]:
     def entry(pretrained: bool | str = False, *, num_classes: int | None = None,
               in_channels: int = 3, shortcut: str | None = None, layout: str | None = None,
-              layers_per_block: int | None = None) -> nn.Module:
+              layers_per_block: int | None = None,
+              input_size: tuple[int, int] | None = None) -> nn.Module:
         options = {k: v for k, v in {
             "num_classes": num_classes, "in_channels": in_channels if in_channels != 3 else None,
             "shortcut": shortcut, "layout": layout, "layers_per_block": layers_per_block,
+            "input_size": input_size,
         }.items() if v is not None}
         return hub_model(name, pretrained, **options)
 
@@ -59,3 +62,8 @@ resnet101 = _entry("resnet101")
 resnet152 = _entry("resnet152")
 plain18 = _entry("plain18")
 plain34 = _entry("plain34")
+# Beyond the paper: the fully connected and LSTM twins (reslab/mlp_rnn.py), built for one
+# input_size (default 28x28)
+for _name in _list_models():
+    if "mlp" in _name or "lstm" in _name:
+        globals()[_name] = _entry(_name)

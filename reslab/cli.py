@@ -299,7 +299,13 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
     if args.init_from is not None:
         from .finetune import TORCH_SUFFIXES, file_digest, resolve_source
 
-        source = resolve_source(args.init_from)
+        try:
+            source = resolve_source(args.init_from)
+        except ValueError:
+            recorded = _recorded_source(args)
+            if recorded is None:
+                raise
+            return {**fields, **recorded}  # the run's checkpoint holds every weight
         fields.update(init_from=str(source), init_sha256=file_digest(source))
         depth = int("".join(c for c in args.model if c.isdigit()) or 0)
         if source.suffix in TORCH_SUFFIXES and args.layout is None and \
@@ -310,6 +316,27 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
             print(f"note: {source.name} is read as a torchvision state dict: layout v1.5",
                   file=sys.stderr)
     return fields
+
+
+def _recorded_source(args: argparse.Namespace) -> dict | None:
+    """A resumed fine-tune whose source was moved or deleted: its recorded init_from, SHA-256
+    and layout, when --out holds a checkpoint of the run that started from that path."""
+    from .checkpoint import list_checkpoints
+    from .finetune import WEIGHTS
+
+    out = Path(args.out)
+    try:
+        old = json.loads((out / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return None
+    given = Path(args.init_from).expanduser().resolve()
+    if old.get("init_from") not in (str(given), str(given / WEIGHTS)):
+        return None
+    if not old.get("init_sha256") or not list_checkpoints(out):
+        return None
+    print(f"note: {args.init_from} is gone; resuming from {out}'s checkpoint, which holds "
+          "every weight", file=sys.stderr)
+    return {k: old[k] for k in ("init_from", "init_sha256", "layout") if old.get(k) is not None}
 
 
 def _report_left_out(data) -> None:  # noqa: ANN001 (a data.Dataset; data imports torch)

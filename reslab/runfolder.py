@@ -134,8 +134,13 @@ def check_run_folder(run_dir: Path, spec_dict: dict[str, Any]) -> int | None:
 
 
 def _result_part(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """What a run computes: a fine-tune's source by its content (SHA-256), not its path, so a
+    moved or copied source is the same run."""
     recipe = {k: v for k, v in spec_dict["recipe"].items() if k not in OBSERVATION_FIELDS}
-    return {**spec_dict, "recipe": recipe}
+    out = {**spec_dict, "recipe": recipe}
+    if out.get("init_sha256"):
+        out.pop("init_from", None)
+    return out
 
 
 def _extension(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> int:

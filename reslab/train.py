@@ -231,7 +231,7 @@ def train(
             zero_init_residual=spec.zero_init_residual,
             gradient_checkpointing=o.gradient_checkpointing, input_size=size,
         )
-        init_notes = _initialise(model, spec)
+        init_notes = _initialise(model, spec, resumable=bool(list_checkpoints(folder.path)))
         if o.sync_bn:
             model = sync_batch_norm(model, dev)
         if spec.freeze:  # after sync_batch_norm, which makes new BN modules on a CPU
@@ -396,17 +396,18 @@ def check_start(spec: RunSpec, run_dir: Path, options: TrainOptions, *, compare:
     spec = replace(spec, recipe=replace(spec.recipe, precision=resolve_precision(
         spec.recipe.precision, dev)))
     model_family(spec.model)
-    check_model_options(spec)
     folder = RunFolder(run_dir)
+    check_model_options(spec, resumable=bool(list_checkpoints(folder.path)))
     if not compare:
         folder.check_place()
         return dev, spec, None
     return dev, spec, folder.check(json.loads(json.dumps(spec.as_dict())))
 
 
-def check_model_options(spec: RunSpec) -> None:
+def check_model_options(spec: RunSpec, resumable: bool = False) -> None:
     """The model's options are valid (ValueError otherwise): built on the meta device, which
-    costs no memory and no time, so a bad combination is refused before the data is read."""
+    costs no memory and no time, so a bad combination is refused before the data is read.
+    `resumable`: a checkpoint holds every weight, so a fine-tune's source may be gone."""
     with torch.device("meta"):
         model = build_model(spec.model, num_classes=spec.num_classes or 10,
                             in_channels=spec.in_channels or 3, shortcut=spec.shortcut,
@@ -417,17 +418,28 @@ def check_model_options(spec: RunSpec) -> None:
             if set(model.part_names()) <= set(spec.freeze):
                 raise ValueError("--freeze covers every part of the network: nothing would "
                                  "train; leave fc (or more) out of it")
-    if spec.init_from is not None:  # readable, and a state dict: before the data is read
+    if spec.init_from is not None and not (resumable and _source_gone(spec)):
         from .finetune import check_init, load_source
 
-        load_source(check_init(spec.init_from, spec.init_sha256))
+        load_source(check_init(spec.init_from, spec.init_sha256))  # before the data is read
 
 
-def _initialise(model: torch.nn.Module, spec: RunSpec) -> list[str]:
+def _source_gone(spec: RunSpec) -> bool:
+    """Whether a fine-tune's source file no longer exists (moved or deleted)."""
+    from .finetune import resolve_source
+
+    try:
+        resolve_source(spec.init_from)
+    except ValueError:
+        return True
+    return False
+
+
+def _initialise(model: torch.nn.Module, spec: RunSpec, resumable: bool = False) -> list[str]:
     """--init-from: the source's weights in `model` (a resumed run's checkpoint then replaces
     them); notes for the user."""
-    if spec.init_from is None:
-        return []
+    if spec.init_from is None or (resumable and _source_gone(spec)):
+        return []  # the checkpoint about to be restored holds every weight
     from .finetune import check_init, initialise, load_source
 
     source = check_init(spec.init_from, spec.init_sha256)

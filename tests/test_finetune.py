@@ -196,3 +196,40 @@ def test_torchvision_bottleneck_weights_read_as_v1_5(tmp_path, capsys):
     assert code == 0, captured.err
     assert "read as a torchvision state dict: layout v1.5" in captured.err
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["layout"] == "v1.5"
+
+
+def test_a_fine_tune_resumes_once_its_source_is_moved_or_copied(three_classes, tmp_path, capsys,
+                                                                monkeypatch):
+    """Issue 38.3: a run's identity is what it computes: its source by content; and once a
+    checkpoint holds every weight, the source may be gone."""
+    from conftest import Crashed, crash_after_checkpoint
+
+    monkeypatch.setenv("RESLAB_DATA", str(tmp_path / "cache"))
+    state, meta = load_weights(MAKE_RUN / "model.safetensors")
+    src = tmp_path / "source.safetensors"
+    save_weights(src, state, meta)
+    assert _fine_tune(three_classes, tmp_path / "whole", "--init-from", str(src),
+                      "--checkpoint-every", "6") == 0
+    with monkeypatch.context() as m:
+        crash_after_checkpoint(m, 6)
+        with pytest.raises(Crashed):
+            _fine_tune(three_classes, tmp_path / "cut", "--init-from", str(src),
+                       "--checkpoint-every", "6")
+    copy = tmp_path / "elsewhere" / "copy.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(src.read_bytes())
+    os.replace(src, tmp_path / "moved.safetensors")  # the path the run started from is gone
+    capsys.readouterr()
+    assert _fine_tune(three_classes, tmp_path / "cut", "--init-from", str(src),
+                      "--checkpoint-every", "6") == 0
+    assert f"{src} is gone; resuming" in capsys.readouterr().err
+    whole, _ = load_weights(tmp_path / "whole" / "model.safetensors")
+    cut, _ = load_weights(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)  # bit for bit
+    # A byte-identical copy at another path is the same run: "finished; nothing to do".
+    assert _fine_tune(three_classes, tmp_path / "cut", "--init-from", str(copy),
+                      "--checkpoint-every", "6") == 0
+    assert "is finished" in capsys.readouterr().out
+    # Without a checkpoint, a missing source is still an error.
+    assert _fine_tune(three_classes, tmp_path / "new", "--init-from", str(src)) == 2
+    assert "no such file or run folder" in capsys.readouterr().err
