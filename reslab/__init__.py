@@ -13,13 +13,13 @@ if TYPE_CHECKING:
     from .models import build_model, list_models
     from .predict import open_predictor
     from .pretrained import list_pretrained, load_pretrained
-    from .train import Trained, load_trained
+    from .trained import Trained, load_trained
 
 __all__ = ["StageBackbone", "Trained", "build_model", "list_models", "list_pretrained",
            "load_pretrained", "load_trained", "open_predictor"]
 __version__ = "0.1.0"
-_HOMES = {"build_model": "models", "list_models": "models", "Trained": "train",
-          "load_trained": "train", "StageBackbone": "backbone", "open_predictor": "predict",
+_HOMES = {"build_model": "models", "list_models": "models", "Trained": "trained",
+          "load_trained": "trained", "StageBackbone": "backbone", "open_predictor": "predict",
           "load_pretrained": "pretrained", "list_pretrained": "pretrained"}
 
 

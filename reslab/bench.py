@@ -21,12 +21,11 @@ import torch
 
 from .complexity import describe
 from .data import BatchStream, pixel_mean
-from .evaluate import autocast
 from .export import fold_batch_norm
 from .models import build_model
 from .recipes import get_recipe
 from .reference import Setup, _images, _sync, matmul_peak, time_training
-from .runtime import resolve_precision, threads
+from .runtime import autocast, resolve_precision, threads
 from .step import MEMORY_FORMAT, Step, Window, build_step, make_optimizer
 from .train import COMPILE_MODES
 

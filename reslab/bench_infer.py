@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from .data import Dataset, load_dataset, normalize, pixel_mean
-from .evaluate import autocast
 from .export import export_onnx, fold_batch_norm, input_size_of, load_onnx
 from .models import build_model, model_family
+from .runfolder import RunSpec
+from .runtime import autocast, require
 from .runtime import threads as torch_threads
-from .train import RunSpec, Trained, load_trained
+from .trained import Trained, load_trained
 
 __all__ = ["agreement_on_run", "bench_inference", "markdown_tables", "random_images", "stand_in",
            "top1_agreement"]
@@ -211,7 +212,7 @@ def bench_inference(model: str, batch_sizes: tuple[int, ...] = (1, 32), *,
     (stand_in weights, 3 channels, the family's input size and class count), at each batch
     size on `threads` threads (default: all this process may use); and, at the largest batch,
     each path's top-1 agreement with eager fp32 on random images."""
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "bench onnx")
 
     threads = threads or len(os.sched_getaffinity(0))
     out: dict[str, Any] = {

@@ -25,6 +25,7 @@ from typing import Any
 
 from .data import load_dataset
 from .experiments import Arm, Experiment, pct, run_arms, unfinished, write_outputs
+from .runtime import require
 from .train import RunSpec
 
 
@@ -155,8 +156,7 @@ def depth_table(results: Sequence[dict[str, Any]]) -> list[str]:
 def plot_depth(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Final training error (left) and test error (right) against depth, plain vs residual,
     mean with ± std bars over seeds."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

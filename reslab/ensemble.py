@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .train import Trained
+from .trained import Trained
 
 
 class EnsembleError(ValueError):

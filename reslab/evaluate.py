@@ -3,20 +3,12 @@ Sec. 4.2), in the same precision as training so `reslab eval` equals the logged 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import normalize
-
-
-def autocast(device: torch.device, precision: str, *, cache: bool = True):
-    """bf16 autocast on CPU or CUDA, or nothing for fp32. `cache=False` for CUDA graph capture."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
-    return contextlib.nullcontext()
+from .runtime import autocast
 
 
 @torch.no_grad()

@@ -21,8 +21,9 @@ from .data import Dataset
 from .evaluate import layer_responses
 from .recipes import RECIPES, Recipe, get_recipe
 from .runfolder import environment, read_metrics
-from .runtime import resolve_device
-from .train import RunSpec, TrainOptions, load_trained, train
+from .runtime import require, resolve_device
+from .train import RunSpec, TrainOptions, train
+from .trained import load_trained
 
 # CIFAR-10 test error (%) of Table 6 (docs/paper.md); the plain nets' are only drawn (Fig. 6).
 PAPER_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -65,6 +66,7 @@ class Experiment:
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.iterations < 1:
             raise ValueError("--seeds and --iterations must be >= 1")
+        require("matplotlib", "the report's plots")  # before hours of training, not after
         object.__setattr__(self, "out_dir", Path(self.out_dir))
 
     @property
@@ -239,8 +241,7 @@ def plot_fig6(
 ) -> None:
     """Fig. 6: training error dashed, test error bold; one panel per (title, label prefix),
     plain nets left and ResNets right by default."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

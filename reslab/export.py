@@ -24,7 +24,8 @@ from torch import nn
 from .checkpoint import WEIGHTS, CheckpointError, _atomic_write
 from .models import ResidualBlock, check_input_size, model_family
 from .runfolder import is_run_file
-from .train import Trained, check_class_names, load_trained
+from .runtime import require
+from .trained import Trained, check_class_names, load_trained
 
 __all__ = ["FORMATS", "OnnxModel", "export_onnx", "export_program", "export_run",
            "fold_batch_norm", "input_size_of", "load_onnx", "mean_at", "onnx_metadata",
@@ -194,7 +195,8 @@ def export_onnx(trained: Trained, out: Path, *, input_size: tuple[int, int] | No
     Input "images": uint8 (N, C, H, W), 0-255, dynamic N, H and W fixed (input_size_of);
     output "logits": float32 (N, num_classes). Cast, /255, minus the mean, /std, then the
     BN-folded network. The file passes onnx.checker's full check before it is written."""
-    import onnx
+    onnx = require("onnx", "ONNX export")
+    require("onnxscript", "ONNX export")  # torch's dynamo exporter writes through it
 
     out = _check_writable(Path(out), overwrite)
     size = input_size_of(trained, input_size)
@@ -263,7 +265,7 @@ class OnnxModel:
     the file."""
 
     def __init__(self, path: Path, *, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        ort = require("onnxruntime", "running an ONNX model")
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -22,7 +22,7 @@ from .distributed import World, all_sum
 from .evaluate import evaluate
 from .protocols import evaluate_tree
 from .recipes import Recipe
-from .step import MEMORY_FORMAT
+from .runtime import MEMORY_FORMAT
 
 
 def _shard(n: int, world: World) -> slice:

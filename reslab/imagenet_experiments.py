@@ -33,7 +33,8 @@ from .experiments import (
 )
 from .feed import default_workers
 from .protocols import evaluate_tree
-from .train import RunSpec, load_trained, model_depth
+from .train import RunSpec, model_depth
+from .trained import load_trained
 
 # (label, model, shortcut) of each experiment's arms (docs/paper.md).
 _FIG4 = [("plain-18", "plain18", None), ("plain-34", "plain34", None),

@@ -32,10 +32,10 @@ from .data.photo_augment import (
     ten_views,
 )
 from .data.tree import decode_rgb
-from .evaluate import autocast
+from .runtime import autocast
 
 if TYPE_CHECKING:
-    from .train import Trained
+    from .trained import Trained
 
 PROTOCOLS = ("centre", "10-crop", "multi-scale")
 

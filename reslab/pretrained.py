@@ -31,7 +31,8 @@ from .checkpoint import CheckpointError
 from .finetune import file_digest
 from .models import IMAGENET_STAGES, build_model, default_shortcut
 from .recipes import get_recipe
-from .train import RunSpec, Trained, load_trained
+from .runfolder import RunSpec
+from .trained import Trained, load_trained
 
 TORCHVISION = "torchvision:"
 REPOSITORY = Path(__file__).resolve().parent.parent  # the checkout the weights are committed in

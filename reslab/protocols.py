@@ -24,7 +24,7 @@ from torch import nn
 
 from .data import DataError, normalize
 from .data.stream import test_batches
-from .evaluate import autocast
+from .runtime import autocast
 
 PROTOCOLS = ("centre", "10-crop", "multi-scale")
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import crop_flip_draw, normalize, pad_crop_flip, to_device
-from .evaluate import autocast
 from .models import build_model
+from .runtime import autocast
 from .step import GraphedStep
 
 

@@ -29,6 +29,7 @@ from .experiments import (
 )
 from .recipes import Recipe
 from .runfolder import read_metrics
+from .runtime import require
 from .train import RunSpec, warms_up
 
 DEFAULT_DEPTHS = {
@@ -198,8 +199,7 @@ def response_claims(responses: dict[str, list[float]]) -> list[str]:
 
 def plot_fig7(responses: dict[str, list[float]], path: Path) -> None:
     """Fig. 7: std of each 3x3 layer's response, in layer order (top) and sorted (bottom)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

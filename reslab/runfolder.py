@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,40 @@ def environment(device: torch.device) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "command": sys.argv,
     }
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run's result: the model, the data, the recipe."""
+
+    model: str
+    data: str
+    recipe: Recipe = field(default_factory=Recipe)
+    shortcut: str | None = None
+    layout: str | None = None
+    layers_per_block: int | None = None
+    zero_init_residual: bool = False
+    in_channels: int | None = None  # None: follow the data
+    num_classes: int | None = None  # None: follow the data
+    # Fine-tuning (finetune.py): the weights file started from and its SHA-256, and the parts
+    # (models.ResNet.part_names) kept fixed.
+    init_from: str | None = None
+    init_sha256: str | None = None
+    freeze: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recipe"] = self.recipe.as_dict()
+        d["freeze"] = list(self.freeze)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        d = dict(d)
+        d["recipe"] = Recipe.from_dict(d["recipe"])
+        d["freeze"] = tuple(d.get("freeze", ()))
+        return cls(**d)
+
 
 
 # Recipe fields that say how often a run evaluates, logs and saves, not what it computes: they may

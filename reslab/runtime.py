@@ -5,6 +5,8 @@ process (a study, a test) starts from the same global state as the first."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import signal
 from collections.abc import Iterator
@@ -108,3 +110,34 @@ def threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# channels_last: faster fp32 convolutions on CPU (oneDNN) and tensor cores on GPU.
+MEMORY_FORMAT = torch.channels_last
+
+
+def autocast(device: torch.device, precision: str, *, cache: bool = True):
+    """bf16 autocast on CPU or CUDA, or nothing for fp32. `cache=False` for CUDA graph capture."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    return contextlib.nullcontext()
+
+
+# The optional parts and the extra (pyproject.toml) that brings each: `pip install .` trains and
+# evaluates without them; `make` and `reslab[dev]` install them all.
+EXTRAS = {"onnx": "export", "onnxruntime": "export", "onnxscript": "export",
+          "tensorboard": "tensorboard", "matplotlib": "plots"}
+
+
+class MissingExtra(ValueError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, what: str):  # noqa: ANN201 (the module)
+    """Import an optional dependency for `what`, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise MissingExtra(f"{what} needs {top}, which is optional: pip install "
+                           f"'reslab[{EXTRAS[top]}]' (or 'reslab[dev]' for every extra)") from None

@@ -25,13 +25,11 @@ from torch import nn
 from .data import crop_flip_apply, crop_flip_draw, normalize, to_device
 from .data.stream import StreamedBatch
 from .distributed import World, all_sum
-from .evaluate import autocast
 from .recipes import Recipe
+from .runtime import MEMORY_FORMAT, autocast
 
 # Devices where the NaN check waits for the next log line: a host sync per step idles a GPU.
 DEFERRED_NAN_CHECK = ("cuda",)
-# channels_last: faster fp32 convolutions on CPU (oneDNN) and tensor cores on GPU.
-MEMORY_FORMAT = torch.channels_last
 
 
 class NonFiniteLoss(Exception):

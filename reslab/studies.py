@@ -37,7 +37,8 @@ from .experiments import (
 )
 from .models import ResidualBlock, default_shortcut
 from .runfolder import read_metrics
-from .train import RunSpec, load_trained
+from .train import RunSpec
+from .trained import load_trained
 
 SHORTCUT_ARMS = {
     "A": "identity, zero-padding where dimensions grow (A)",

@@ -14,19 +14,16 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import (
-    WEIGHTS,
-    CheckpointError,
     checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
@@ -45,15 +42,22 @@ from .distributed import (
 from .feed import BadImage, MemoryFeed, make_feed
 from .models import (
     build_model,
-    check_input_size,
     default_shortcut,
     layers_per_block,
     model_family,
 )
 from .recipes import Plateau, Recipe, learning_rate
-from .runfolder import RunFolder, RunFolderError, environment, weights_metadata
-from .runtime import algorithms, resolve_device, resolve_precision, stop_signals
+from .runfolder import RunFolder, RunFolderError, RunSpec, environment, weights_metadata
+from .runtime import (
+    MissingExtra,
+    algorithms,
+    require,
+    resolve_device,
+    resolve_precision,
+    stop_signals,
+)
 from .step import MEMORY_FORMAT, NonFiniteLoss, Window, build_step, make_optimizer
+from .trained import Trained, error_detail, load_trained
 
 __all__ = ["COMPILE_MIN_ITERATIONS", "COMPILE_MODES", "NonFiniteLoss", "RunFolderError",
            "RunSpec", "TrainOptions", "Trained", "TrainingStopped", "check_start", "load_trained",
@@ -74,39 +78,6 @@ class TrainingStopped(Exception):
     def __init__(self, step: int, checkpoint: Path, signum: int) -> None:
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
         super().__init__(f"stopped by signal {signum} after iteration {step}; saved {checkpoint}")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything that determines a run's result: the model, the data, the recipe."""
-
-    model: str
-    data: str
-    recipe: Recipe = field(default_factory=Recipe)
-    shortcut: str | None = None
-    layout: str | None = None
-    layers_per_block: int | None = None
-    zero_init_residual: bool = False
-    in_channels: int | None = None  # None: follow the data
-    num_classes: int | None = None  # None: follow the data
-    # Fine-tuning (finetune.py): the weights file started from and its SHA-256, and the parts
-    # (models.ResNet.part_names) kept fixed.
-    init_from: str | None = None
-    init_sha256: str | None = None
-    freeze: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["recipe"] = self.recipe.as_dict()
-        d["freeze"] = list(self.freeze)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
-        d = dict(d)
-        d["recipe"] = Recipe.from_dict(d["recipe"])
-        d["freeze"] = tuple(d.get("freeze", ()))
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -467,7 +438,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: B
     except RuntimeError as e:  # e.g. the data folder gained a class since the run started
         raise RunFolderError(
             f"{path} does not fit {spec.model} with {in_channels} channels and {num_classes} "
-            f"classes as {data.name} now has ({_detail(e)}); restore the data or use a new "
+            f"classes as {data.name} now has ({error_detail(e)}); restore the data or use a new "
             "--out"
         ) from e
     optimizer.load_state_dict(state["optimizer"])
@@ -499,6 +470,11 @@ class _Pace:
 def _writer(folder: RunFolder, options: TrainOptions, step: int, main: bool = True):
     """TensorBoard events under tb/ (rank 0's), purged past `step` on resume; or nothing."""
     if not options.tensorboard or not main:
+        return nullcontext()
+    try:
+        require("tensorboard", "TensorBoard events")
+    except MissingExtra as e:  # optional: the run goes on without its tb/ folder
+        print(f"note: no tb/ events: {e}")
         return nullcontext()
     from torch.utils.tensorboard import SummaryWriter
 
@@ -550,78 +526,3 @@ def _summary(spec: RunSpec, model: torch.nn.Module, folder: RunFolder, env: dict
     if "val_error" in final:
         summary["final_val_error"] = final["val_error"]
     return summary
-
-
-def _detail(error: Exception) -> str:
-    """One line of an error; for load_state_dict's, the first size mismatch."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
-    return next((line for line in lines if "mismatch" in line), lines[0])
-
-
-class Trained(NamedTuple):
-    """A trained model and what feeding it takes: the training split's normalisation, the
-    spec, the class names (output i is classes[i]; None for weights written before they
-    were saved) and the (H, W) of the images it was trained on (None where not recorded)."""
-
-    model: torch.nn.Module
-    mean: torch.Tensor
-    std: torch.Tensor | None
-    spec: RunSpec
-    classes: tuple[str, ...] | None
-    input_size: tuple[int, int] | None = None
-
-
-def check_class_names(classes: Sequence[str] | None, outputs: int,
-                      asked: int | None) -> None:
-    """Class names read from a file fit its classifier: one per output, or fewer where the run
-    asked for more outputs than its data's classes (--num-classes); else a ValueError."""
-    if classes is None:
-        return
-    if len(classes) > outputs or (asked is None and len(classes) != outputs):
-        raise ValueError(f"{len(classes)} class names for {outputs} outputs")
-
-
-def load_trained(path: Path, device: str = "cpu") -> Trained:
-    """The Trained model of a run folder or of a model.safetensors written by train(), its
-    checksum verified."""
-    from .checkpoint import load_weights
-
-    path = Path(path)
-    weights = path / WEIGHTS if path.is_dir() else path
-    if not weights.exists():
-        raise ValueError(f"no {WEIGHTS} at {path}: give a finished run folder or its weights file")
-    state, meta = load_weights(weights)
-    if not isinstance(meta, dict) or "spec" not in meta:
-        raise CheckpointError(f"{weights} has no reslab metadata (spec and normalisation); give "
-                              "a model.safetensors written by `reslab train`")
-    try:  # the metadata is JSON, never code, but it may still be malformed
-        spec = RunSpec.from_dict(meta["spec"])
-        size = meta.get("input_size")
-        input_size = None if size is None else check_input_size(
-            spec.model, size, f"its input_size {json.dumps(size)}")
-        model = build_model(
-            spec.model, num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-            shortcut=spec.shortcut, layout=spec.layout, layers_per_block=spec.layers_per_block,
-            input_size=input_size,
-        )
-        model.load_state_dict(state, strict=True)
-        norm = meta["normalization"]
-        mean = torch.tensor(norm["mean"], dtype=torch.float32)
-        std = None if norm["std"] is None else torch.tensor(norm["std"], dtype=torch.float32)
-        if mean.ndim not in (1, 3) or len(mean) != meta["in_channels"]:
-            raise ValueError(f"normalisation mean of shape {tuple(mean.shape)} for "
-                             f"{meta['in_channels']}-channel images")
-        classes = None if meta.get("classes") is None else tuple(map(str, meta["classes"]))
-        check_class_names(classes, meta["num_classes"], spec.num_classes)
-        if input_size is None and mean.ndim == 3:
-            input_size = (int(mean.shape[1]), int(mean.shape[2]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{weights} has malformed reslab metadata or weights ({type(e).__name__}: "
-            f"{_detail(e)}); give a model.safetensors written by `reslab train`"
-        ) from e
-    dev = resolve_device(device)
-    model = model.to(dev).to(memory_format=torch.channels_last).eval()
-    mean, std = mean.to(dev), (None if std is None else std.to(dev))
-    return Trained(model, mean, std, spec, classes, input_size)
-

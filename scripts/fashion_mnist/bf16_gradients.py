@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.data import load_dataset, normalize, pad_crop_flip
-from reslab.train import load_trained
+from reslab.trained import load_trained
 
 
 class InFP32(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 
 from reslab.data import load_dataset, normalize, pad_crop_flip
 from reslab.evaluate import evaluate
-from reslab.train import load_trained
+from reslab.trained import load_trained
 
 
 @torch.no_grad()
