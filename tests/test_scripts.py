@@ -37,7 +37,8 @@ PYTHON_SCRIPTS = [
     "memory/resnet1202.py",
 ]
 SHELL_SCRIPTS = ["bench/allocator/run.sh", "bench/inference.sh", "bench/photos.sh",
-                 "bench/run.sh", "bench/torchrun.sh", "cifar10_jpeg.sh", "h200/run.sh"]
+                 "bench/run.sh", "bench/torchrun.sh", "cifar10_jpeg.sh", "h200/lib.sh",
+                 "h200/run.sh", "h200/table6_64k.sh"]
 MAKE_RUN = ROOT / "results/fashion-mnist/make-run"  # weights the fashion_mnist scripts read
 
 
@@ -299,3 +300,79 @@ def test_h200_run_sh_dry_run(tmp_path):
     assert not (out / "machine.txt").exists()  # no nvidia-smi, no tests, nothing packed
     # The fallback reads this test's result by name (run.sh: grep "^PASSED.*test_cuda_graphed").
     assert "def test_cuda_graphed" in (ROOT / "tests/test_train.py").read_text()
+
+
+def test_h200_table6_64k_dry_run(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    commands = dry_run("h200/table6_64k.sh", tmp_path, OUT=str(out), WORK=str(work), PY="false")
+    assert _kinds(commands) == {("reproduce", "table6")}
+    # ResNet-110 and ResNet-56 first, then ResNet-1202 without torch.compile; the paper's
+    # schedule, one depth a command, all in one run pool, cifar10-jpeg.
+    assert [c[c.index("--depths") + 1] for c in commands] == ["110", "56", "1202"]
+    assert all(c[c.index("--iterations") + 1] == "64000" and c[c.index("--data") + 1]
+               == "cifar10-jpeg" and c[c.index("--runs") + 1] == str(work / "runs")
+               for c in commands)
+    assert commands[2][commands[2].index("--compile") + 1] == "off"
+    assert not out.exists() and not work.exists()  # nothing run, nothing written
+
+
+def _table6_64k(tmp_path: Path, n: int, **env: str) -> tuple[str, Path]:
+    """One call of scripts/h200/table6_64k.sh on the CPU with a tiny image folder; its log and
+    the run pool it packed, unpacked into tmp_path/seedN."""
+    import tarfile
+
+    from conftest import write_image_folder
+
+    data = tmp_path / "data"
+    if not data.exists():
+        write_image_folder(data, make_dataset(n_train=256, n_test=20, size=32, classes=10,
+                                              channels=3))
+    out = tmp_path / f"out{n}"
+    base = {"DEVICE": "cpu", "DATA": str(data), "DEPTHS": "8", "BIG": "", "PROBE_S": "1",
+            "START_S": "1", "PACK_S": "4", "PY": sys.executable, "OMP_NUM_THREADS": "1",
+            "RESLAB_DATA": str(tmp_path / "cache"), "OUT": str(out),
+            "WORK": str(tmp_path / f"w{n}")}
+    r = subprocess.run(["bash", str(SCRIPTS / "h200/table6_64k.sh")], cwd=ROOT, text=True,
+                       capture_output=True, timeout=300, env={**os.environ, **base, **env})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "machine.txt", "probe.json",
+                                                     "runs-1.tar.gz"]
+    seed = tmp_path / f"seed{n}"
+    with tarfile.open(out / "runs-1.tar.gz") as tar:
+        tar.extractall(seed, filter="data")
+    return (out / "log.txt").read_text(), seed
+
+
+def test_h200_table6_64k_tiny_run_packs_and_reuses(tmp_path):
+    """The whole script on the CPU at a tiny schedule: data, probe, a lane, the pack (weights,
+    no checkpoints); a second call given the packed folder (SEED_RUNS) trains nothing."""
+    log, seed = _table6_64k(tmp_path, 1, ITERATIONS="12", LIMIT="200")
+    probe = json.loads((tmp_path / "out1/probe.json").read_text())
+    assert probe["nets"]["resnet8"]["left"] == 12 and probe["nets"]["resnet8"]["s_per_step"] > 0
+    assert "ResNet-8: exit 0" in log and "deadline: SIGTERM" not in log
+    run = seed / "resnet8-12it-seed0"
+    assert {p.name for p in run.iterdir()} >= {"metrics.jsonl", "recipe.json", "env.json",
+                                               "summary.json", "model.safetensors"}
+    assert not list(run.glob("checkpoint-*.pt"))
+    log, seed2 = _table6_64k(tmp_path, 2, ITERATIONS="12", LIMIT="200", SEED_RUNS=str(seed))
+    assert "ResNet-8: finished earlier" in log and "exit" not in log
+    assert (seed2 / "resnet8-12it-seed0/summary.json").read_text() == \
+        (run / "summary.json").read_text()
+
+
+@pytest.mark.slow
+def test_h200_table6_64k_deadline_stops_and_the_next_call_resumes(tmp_path):
+    """The deadline's SIGTERM leaves a checkpoint, packed alone; the next call resumes from it.
+    Slow (two calls of about a minute: the lane must reach its training loop first)."""
+    log, seed = _table6_64k(tmp_path, 1, ITERATIONS="4000", LIMIT="70")
+    assert "deadline: SIGTERM" in log
+    run = seed / "resnet8-4000it-seed0"
+    checkpoints = sorted(run.glob("checkpoint-*.pt"))
+    assert len(checkpoints) == 1 and not (run / "summary.json").exists()
+    done = int(checkpoints[0].stem.split("-")[1])
+    log, seed = _table6_64k(tmp_path, 2, ITERATIONS="4000", LIMIT="70", SEED_RUNS=str(seed))
+    probe = json.loads((tmp_path / "out2/probe.json").read_text())
+    assert probe["nets"]["resnet8"]["left"] == 4000 - done
+    assert f"from checkpoint-{done:08d}.pt" in (tmp_path / "w2/lane-8.log").read_text()
+    newest = sorted((seed / "resnet8-4000it-seed0").glob("checkpoint-*.pt"))
+    assert len(newest) == 1 and int(newest[0].stem.split("-")[1]) > done

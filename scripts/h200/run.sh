@@ -27,36 +27,9 @@ DRY_RUN=${DRY_RUN:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RESLAB_DATA=$PWD/.data
 # perf_hints: torch.compile says when and why it skips CUDA graphs (results/h200/README.md).
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints}
-# reslab ARGS: `$PY -m reslab ARGS`, under `timeout $TIMEOUT` where TIMEOUT is set. DRY_RUN=1:
-# print "+ ARGS" on fd 3, the script's stdout (also from the lanes, whose output goes to logs).
-exec 3>&1
-reslab() {
-    echo "+ $*" >&3
-    [ -n "$DRY_RUN" ] && return
-    if [ -n "${TIMEOUT:-}" ]; then timeout "$TIMEOUT" $PY -m reslab "$@" 3>&-
-    else $PY -m reslab "$@" 3>&-; fi
-}
+. scripts/h200/lib.sh  # reslab (DRY_RUN-aware), log, pack
 mkdir -p "$OUT" "$W/runs"
 [ -n "$SEED_RUNS" ] && cp -r "$SEED_RUNS"/* "$W/runs/"
-log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/log.txt"; }
-
-pack() {  # files come back at most 8 of them, 16 MiB each: runs go in archives of <= 14 MiB
-    cd "$W/runs" || return
-    local part=1 size=0 batch=()
-    for run in */; do
-        run=${run%/}
-        if [ -f "$run/summary.json" ]; then rm -f "$run"/checkpoint-*.pt  # finished: weights kept
-        else ls "$run"/checkpoint-*.pt 2>/dev/null | sort | head -n -1 | xargs -r rm -f; fi
-        local kb=$(du -sk "$run" | cut -f1)
-        if [ ${#batch[@]} -gt 0 ] && [ $((size + kb)) -gt 14000 ]; then
-            tar czf "$OUT/runs-$part.tar.gz" "${batch[@]}"; part=$((part + 1)); size=0; batch=()
-        fi
-        batch+=("$run"); size=$((size + kb))
-    done
-    [ ${#batch[@]} -gt 0 ] && tar czf "$OUT/runs-$part.tar.gz" "${batch[@]}"
-    for lane in "$W"/lane-*.log; do echo "== $lane"; cat "$lane"; done >> "$OUT/log.txt" 2>/dev/null
-    cd - >/dev/null
-}
 CG=""
 if [ -z "$DRY_RUN" ]; then
   trap pack EXIT
