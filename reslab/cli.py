@@ -359,8 +359,8 @@ def _data_spec(data: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Test error of one run, or of an ensemble of runs (their softmax scores averaged, Table 5)
     beside each member's."""
-    from .data import open_data
-    from .ensemble import EnsembleError, ensemble
+    from .data import ImageTree, open_data
+    from .ensemble import EnsembleError, combine, ensemble
     from .pretrained import load_source
 
     members = [load_source(run, device=args.device) for run in args.runs]
@@ -368,15 +368,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _report_left_out(data)
     for run, trained in zip(args.runs, members, strict=True):
         _check_eval_data(args, run, trained, data)
-    records = [_eval_one(args, trained, data) for trained in members]
     if len(members) == 1:
-        record, label = records[0], members[0].spec.model
+        record, label = _eval_one(args, members[0], data), members[0].spec.model
     else:
         try:
             joint = ensemble(members, args.runs, precision=args.precision)
         except EnsembleError as e:
             raise UsageError(str(e)) from None
-        record = _eval_one(args, joint, data)
+        if isinstance(data, ImageTree):  # each protocol's views: every member, then the joint
+            records = [_eval_one(args, trained, data) for trained in members]
+            record = _eval_one(args, joint, data)
+        else:  # in memory: each member's logits once, the ensemble's from them (combine)
+            logits = [_eval_one(args, trained, data, logits_only=True) for trained in members]
+            records = [_eval_one(args, t, data, logits=z) for t, z in zip(members, logits,
+                                                                         strict=True)]
+            record = _eval_one(args, joint, data, logits=combine(logits))
         record = {**record, "model": [t.spec.model for t in members],
                   "members": [{"run": str(run), **r} for run, r in zip(args.runs, records,
                                                                        strict=True)]}
@@ -424,13 +430,15 @@ def _check_eval_data(args: argparse.Namespace, run: Path, trained, data) -> None
                          "mean); resize the images to the training size")
 
 
-def _eval_one(args: argparse.Namespace, trained, data) -> dict:  # noqa: ANN001
-    """One record of `trained` on `data`: test error and loss in memory, or the --protocol's
-    top-1 and top-5 error on an image tree."""
+def _eval_one(args: argparse.Namespace, trained, data, *, logits=None,  # noqa: ANN001
+              logits_only: bool = False):  # noqa: ANN202 (a record, or logits)
+    """One record of `trained` on `data`: test error and loss in memory (from `logits` where
+    given; logits_only: the logits themselves), or the --protocol's top-1 and top-5 error on an
+    image tree."""
     import torch
 
     from .data import ImageTree
-    from .evaluate import evaluate
+    from .evaluate import error_and_loss, test_logits
 
     model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
     # An ensemble runs each member in its own precision unless --precision says otherwise.
@@ -438,8 +446,12 @@ def _eval_one(args: argparse.Namespace, trained, data) -> dict:  # noqa: ANN001
                                    else spec.recipe.precision)
     shown = args.precision or spec.recipe.precision
     if not isinstance(data, ImageTree):
-        error, loss = evaluate(model, data.test_images, data.test_labels, mean, std,
-                               precision=precision, memory_format=torch.channels_last)
+        if logits is None:
+            logits = test_logits(model, data.test_images, mean, std, precision=precision,
+                                 memory_format=torch.channels_last)
+        if logits_only:
+            return logits
+        error, loss = error_and_loss(logits, data.test_labels)
         return {"test_error": error, "test_loss": loss, "model": spec.model,
                 "images": len(data.test_images), "precision": shown}
     from .feed import default_workers

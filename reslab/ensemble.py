@@ -23,6 +23,15 @@ class EnsembleError(ValueError):
     """Members that cannot be averaged: other classes, inputs or normalisation."""
 
 
+def combine(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The ensemble's output from its members' logits: log(mean_i softmax(z_i)), computed stably
+    as the logsumexp of the log-probabilities minus log(n); one member's logits unchanged."""
+    if len(logits) == 1:
+        return logits[0]
+    logp = torch.stack([torch.log_softmax(z.float(), dim=1) for z in logits])
+    return torch.logsumexp(logp, dim=0) - math.log(len(logits))
+
+
 class Ensemble(nn.Module):
     def __init__(self, members: Sequence[nn.Module], precisions: Sequence[str]) -> None:
         super().__init__()
@@ -42,12 +51,7 @@ class Ensemble(nn.Module):
         raise EnsembleError("features are one net's: give a single run with --features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.members) == 1:
-            return self._member(0, x)
-        # log(mean_i softmax(z_i)), stably: logsumexp of the log-probabilities, minus log(n).
-        logp = torch.stack([torch.log_softmax(self._member(i, x).float(), dim=1)
-                            for i in range(len(self.members))])
-        return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+        return combine([self._member(i, x) for i in range(len(self.members))])
 
     def _member(self, i: int, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16,

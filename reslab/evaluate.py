@@ -24,24 +24,44 @@ def evaluate(
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[float, float]:
     """(error, mean cross-entropy loss) over the whole set, model in eval mode (BN statistics)."""
+    logits = test_logits(model, images, mean, std, precision=precision, batch_size=batch_size,
+                         memory_format=memory_format)
+    return error_and_loss(logits, labels, batch_size=batch_size)
+
+
+@torch.no_grad()
+def test_logits(
+    model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None, *,
+    precision: str, batch_size: int = 500,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """float32 logits (N, classes) of every image, on the model's device, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    wrong = 0
-    loss_sum = 0.0
+    out = []
     try:
         for start in range(0, len(images), batch_size):
             x = normalize(images[start : start + batch_size].to(device), mean, std)
             x = x.contiguous(memory_format=memory_format)
-            y = labels[start : start + batch_size].to(device)
             with autocast(device, precision):
-                logits = model(x)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            wrong += (logits.argmax(1) != y).sum().item()
+                out.append(model(x).float())
     finally:
         model.train(was_training)
-    n = len(images)
+    return torch.cat(out)
+
+
+def error_and_loss(logits: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500
+                   ) -> tuple[float, float]:
+    """(error, mean cross-entropy loss) of logits, summed batch by batch as evaluation always
+    has, so the logged figures stay bit for bit what they were."""
+    wrong, loss_sum = 0, 0.0
+    for start in range(0, len(logits), batch_size):
+        z = logits[start : start + batch_size]
+        y = labels[start : start + batch_size].to(z.device)
+        loss_sum += F.cross_entropy(z, y, reduction="sum").item()
+        wrong += (z.argmax(1) != y).sum().item()
+    n = len(logits)
     return wrong / n, loss_sum / n
 
 
