@@ -209,7 +209,7 @@ def source_normalization(init_from: str) -> tuple[torch.Tensor, torch.Tensor | N
 
         t = _torchvision_weights(str(init_from)).transforms()
         return (torch.tensor(t.mean, dtype=torch.float32), torch.tensor(t.std, dtype=torch.float32),
-                "its weights' transforms' mean and std")
+                "torchvision's, its weights' transforms' mean and std")
     path = resolve_source(init_from)
     if path.suffix in TORCH_SUFFIXES:
         return (torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD),

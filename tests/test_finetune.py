@@ -336,7 +336,7 @@ def test_the_source_normalisation_is_fitted_or_left_and_a_resume_keeps_its_start
     checkpoint recorded (its start's), whatever the source says now."""
     from dataclasses import replace
 
-    from reslab.finetune import fit_to_data
+    from reslab.finetune import IMAGENET_MEAN, IMAGENET_STD, fit_to_data, source_normalization
     from reslab.recipes import RECIPES
 
     _, meta = load_weights(MAKE_RUN / "model.safetensors")
@@ -355,6 +355,10 @@ def test_the_source_normalisation_is_fitted_or_left_and_a_resume_keeps_its_start
     assert notes == ["normalised with this data's per-pixel mean: the source has torchvision's "
                      "ImageNet mean and std, as torchvision's weights files are, which does not "
                      "fit 2-channel images"]
+    # torchvision's weights by name: their transforms' (no file read).
+    by_name = source_normalization("torchvision:ResNet50_Weights.IMAGENET1K_V2")
+    assert by_name[0].tolist() == torch.tensor(IMAGENET_MEAN).tolist()
+    assert by_name[1].tolist() == torch.tensor(IMAGENET_STD).tolist()
     recorded = {"mean": torch.zeros(1), "std": torch.ones(1)}
     _, norm, _ = fit_to_data(spec, photos=False, channels=1, size=(28, 28), recorded=recorded,
                              resuming=True)
