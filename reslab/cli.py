@@ -853,8 +853,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"recipe's; cifar10: {_PAPER.checkpoint_every})")
     p.add_argument("--val-split", type=_count,
                    help="hold out N training images for validation (default: 0)")
-    p.add_argument("--normalization", choices=("pixel", "channel"),
-                   help="per-pixel mean (the paper's) or per-channel mean/std (default: pixel)")
+    p.add_argument("--normalization", choices=("pixel", "channel", "source"),
+                   help="per-pixel mean (the paper's), per-channel mean/std, or source: the "
+                   "--init-from weights' own, fitted to the data (default: the recipe's: "
+                   "source for finetune, else pixel)")
     p.add_argument("--in-channels", type=_positive_int,
                    help="input channels (default: the data's)")
     p.add_argument("--num-classes", type=_positive_int,

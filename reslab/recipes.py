@@ -37,7 +37,9 @@ class Recipe:
     lr_policy: str = "milestones"
     plateau_patience: int = 3
     accumulate: int = 1  # micro-batches per step (batch_size / accumulate each; BN per micro-batch)
-    normalization: str = "pixel"  # "pixel": per-pixel mean (the paper's); "channel": mean/std
+    # "pixel": per-pixel mean (the paper's); "channel": mean/std; "source": a fine-tune's source
+    # weights' own (finetune.fit_to_data), else the per-pixel mean.
+    normalization: str = "pixel"
     precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp32"
     # "sgd" (the paper's, with momentum and weight decay) or "adam" (Kingma & Ba; the usual
     # optimiser of deep LSTMs, mlp_rnn.py: momentum is then unused, weight decay is Adam's L2).
@@ -70,10 +72,9 @@ class Recipe:
                 m < 1 for m in self.milestones):
             problems.append(f"milestones must be positive and increase (got "
                             f"{' '.join(map(str, self.milestones))})")
-        if self.normalization not in ("pixel", "channel"):
-            problems.append(
-                f"normalization must be 'pixel' or 'channel' (got {self.normalization!r})"
-            )
+        if self.normalization not in ("pixel", "channel", "source"):
+            problems.append(f"normalization must be 'pixel', 'channel' or 'source' (got "
+                            f"{self.normalization!r})")
         if self.augmentation not in ("pad-crop-flip", "scale", "torchvision"):
             problems.append(f"augmentation must be pad-crop-flip, scale or torchvision (got "
                             f"{self.augmentation!r})")
@@ -195,9 +196,10 @@ RECIPES: dict[str, Recipe] = {
                             eval_every=5_005, checkpoint_every=1_000),
     # Fine-tuning from trained weights (--init-from): a tenth of the paper's lr (the weights are
     # already where a from-scratch run ends its first stage) and a short schedule, 4,000
-    # iterations (~10 epochs of 50k images at 128) divided at half and three quarters.
+    # iterations (~10 epochs of 50k images at 128) divided at half and three quarters. Inputs
+    # normalised as the source weights were trained (finetune.fit_to_data).
     "finetune": Recipe(name="finetune", lr=0.01, iterations=4_000, milestones=(2_000, 3_000),
-                       eval_every=500, checkpoint_every=500),
+                       normalization="source", eval_every=500, checkpoint_every=500),
     # The fully connected twins (mlp_rnn.py): the paper's SGD recipe without augmentation (the
     # degradation claim is about training error), in fp32 so that any CPU resumes a run.
     "mlp": Recipe(name="mlp", pad=0, precision="fp32"),

@@ -40,6 +40,7 @@ from .distributed import (
     world_from_env,
 )
 from .feed import BadImage, MemoryFeed, make_feed
+from .finetune import fit_to_data
 from .models import (
     build_model,
     default_shortcut,
@@ -187,22 +188,33 @@ def train(
             data = open_data(spec.data, val_split=recipe.val_split, seed=0,
                              skip_bad_images=o.skip_bad_images, loader=o.loader)
         in_channels, num_classes = check_data_fits(spec, data)
+        from .data.photo_augment import CROP
+
+        size = (CROP, CROP) if isinstance(data, ImageTree) else data.image_size
+        # Rank 0 reads the checkpoint and sends it: every rank resumes from the same state.
+        resumed = broadcast(world, load_latest_checkpoint(folder.path) if main else None, dev)
+        # A fine-tune takes its source's normalisation and, on photographs, torchvision's
+        # augmentation; `spec` is now the run as trained (its weights' metadata), spec_dict the
+        # run as asked (recipe.json, what a resume is compared with).
+        spec, source_norm, init_notes = fit_to_data(
+            spec, photos=isinstance(data, ImageTree), channels=in_channels, size=size,
+            recorded=resumed[0].get("normalization") if resumed else None,
+            resuming=resumed is not None)
+        recipe = spec.recipe
         world.shard(recipe.batch_size)  # the global batch divides among the ranks
         feed = make_feed(data, recipe, dev, workers=o.workers, skip_bad_images=o.skip_bad_images,
                          world=world)
         # Sec. 4.2 and 3.4: per-pixel mean subtraction, computed on the training split.
-        mean, std = feed.stats()
+        mean, std = feed.stats() if source_norm is None else source_norm
         torch.manual_seed(recipe.seed)  # He init is drawn from the seed
-        from .data.photo_augment import CROP
-
-        size = (CROP, CROP) if isinstance(data, ImageTree) else data.image_size
         model = build_model(
             spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
             layout=spec.layout, layers_per_block=spec.layers_per_block,
             zero_init_residual=spec.zero_init_residual,
             gradient_checkpointing=o.gradient_checkpointing, input_size=size,
         )
-        init_notes = _initialise(model, spec, resumable=bool(list_checkpoints(folder.path)))
+        init_notes = _initialise(model, spec, resumable=bool(list_checkpoints(folder.path))
+                                 ) + init_notes
         if o.sync_bn:
             model = sync_batch_norm(model, dev)
         if spec.freeze:  # after sync_batch_norm, which makes new BN modules on a CPU
@@ -212,8 +224,6 @@ def train(
         stream = BatchStream(feed.n_train, recipe.batch_size, recipe.seed)
         plateau = Plateau(recipe.plateau_patience)
         step, elapsed, state = 0, 0.0, None
-        # Rank 0 reads the checkpoint and sends it: every rank resumes from the same state.
-        resumed = broadcast(world, load_latest_checkpoint(folder.path) if main else None, dev)
         if resumed is not None:
             state, path = resumed
             _restore(model, optimizer, stream, state, path, spec, data, in_channels, num_classes)
@@ -273,7 +283,8 @@ def train(
                 "stream": stream.state_dict(), "step": step,
                 "elapsed": time.perf_counter() - t0, **window.state_dict(),
                 "plateau": plateau.state_dict(), "skipped_images": feed.skipped,
-                "spec": spec_dict,
+                "spec": spec_dict, **({} if source_norm is None else {"normalization": {
+                    "mean": source_norm[0], "std": source_norm[1]}}),
             }, keep=o.keep_checkpoints)
 
         bar = tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
@@ -349,7 +360,8 @@ def train(
         if main:
             summary = _summary(spec, model, folder, env, wall=time.perf_counter() - t0)
             folder.finish(model.state_dict(), weights_metadata(
-                spec_dict, in_channels, num_classes, mean, std, feed.classes, size), summary)
+                json.loads(json.dumps(spec.as_dict())), in_channels, num_classes, mean, std,
+                feed.classes, size), summary)
         return broadcast(world, summary, dev)
 
 

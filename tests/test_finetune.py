@@ -85,9 +85,12 @@ def test_a_source_that_does_not_fit_is_a_clear_error(tmp_path, capsys):
     state, _ = load_weights(MAKE_RUN / "model.safetensors")
     with pytest.raises(ValueError, match=r"lacks layer1\.3\.conv1\.weight \(and \d+ more\)"):
         initialise(build_model("resnet32", in_channels=1), state, MAKE_RUN)
-    with pytest.raises(ValueError, match=r"conv1\.weight is \(16, 1, 3, 3\) there, "
-                                         r"\(16, 3, 3, 3\) here \(another number of input"):
-        initialise(build_model("resnet20"), state, MAKE_RUN)
+    # Another number of input channels is adapted (test_a_stem_is_adapted_...); another kernel
+    # is not.
+    with pytest.raises(ValueError, match=r"conv1\.weight is \(16, 1, 5, 5\) there, "
+                                         r"\(16, 3, 3, 3\) here \(another stem"):
+        initialise(build_model("resnet20"), {**state, "conv1.weight": torch.zeros(16, 1, 5, 5)},
+                   MAKE_RUN)
     assert main(["train", "resnet20", "--data", "x", "--init-from", str(MAKE_RUN / "recipe.json"),
                  "--out", str(tmp_path / "r")]) == 2
     assert "recipe.json: not a weights file" in capsys.readouterr().err
@@ -201,7 +204,9 @@ def test_torchvision_bottleneck_weights_read_as_v1_5(tmp_path, capsys):
 def test_a_fine_tune_resumes_once_its_source_is_moved_or_copied(three_classes, tmp_path, capsys,
                                                                 monkeypatch):
     """Issue 38.3: a run's identity is what it computes: its source by content; and once a
-    checkpoint holds every weight, the source may be gone."""
+    checkpoint holds every weight, the source may be gone. (Issue 38.10: the checkpoint holds
+    the source's normalisation too, which this subset's own statistics are not: without it the
+    resumed run would end otherwise.)"""
     from conftest import Crashed, crash_after_checkpoint
 
     monkeypatch.setenv("RESLAB_DATA", str(tmp_path / "cache"))
@@ -233,3 +238,134 @@ def test_a_fine_tune_resumes_once_its_source_is_moved_or_copied(three_classes, t
     # Without a checkpoint, a missing source is still an error.
     assert _fine_tune(three_classes, tmp_path / "new", "--init-from", str(src)) == 2
     assert "no such file or run folder" in capsys.readouterr().err
+
+
+def test_a_stem_is_adapted_between_one_and_three_channels_as_timm_does():
+    """Issue 38.10: timm's adapt_input_conv. A grey image in every channel of the RGB net (1 ->
+    3), or an RGB net's grey input (3 -> 1), gives the source net's outputs."""
+    torch.manual_seed(0)
+    grey = build_model("resnet20", in_channels=1).eval()
+    rgb = build_model("resnet20", in_channels=3).eval()
+    assert "stem adapted from 1 to 3 input channel(s): conv1.weight repeated and divided by 3" \
+        in initialise(rgb, grey.state_dict(), Path("grey"))[0]
+    assert torch.equal(rgb.conv1.weight, grey.conv1.weight.repeat(1, 3, 1, 1) / 3)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(rgb(x.repeat(1, 3, 1, 1)), grey(x), atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    rgb = build_model("resnet20", in_channels=3).eval()
+    assert "from 3 to 1 input channel(s): conv1.weight summed over its input channels" in \
+        initialise(grey, rgb.state_dict(), Path("rgb"))[0]
+    with torch.no_grad():
+        assert torch.allclose(grey(x), rgb(x.repeat(1, 3, 1, 1)), atol=1e-5, rtol=0)
+
+
+def test_a_grey_run_fine_tunes_on_rgb_images_and_back(three_classes, tmp_path, capsys,
+                                                       monkeypatch):
+    """Issue 38.10, the README's `--init-from runs/r20 --linear-probe` with a 1-channel
+    Fashion-MNIST run onto RGB images, and that run onto grey ones: the stem adapted, the
+    source's normalisation fitted (its per-pixel mean of another size reduced to per-channel,
+    its channel repeated; or averaged), each said once, and recorded for eval."""
+    from conftest import make_dataset, write_image_folder
+
+    monkeypatch.setenv("RESLAB_DATA", str(tmp_path / "cache"))
+    rgb = write_image_folder(tmp_path / "rgb", make_dataset(channels=3))  # 12x12 RGB PNGs
+    assert _fine_tune(rgb, tmp_path / "probe", "--init-from", str(MAKE_RUN),
+                      "--linear-probe") == 0
+    out = capsys.readouterr().out
+    assert out.count("stem adapted from 1 to 3 input channel(s): conv1.weight repeated and "
+                     "divided by 3, as timm's adapt_input_conv") == 1
+    assert ("normalised as the source was trained: its run's per-pixel mean (reduced to "
+            "per-channel: 28x28 there, 12x12 here; its 1 channel repeated to 3), not this "
+            "data's statistics") in out
+    source, meta = load_weights(MAKE_RUN / "model.safetensors")
+    tuned, tuned_meta = load_weights(tmp_path / "probe" / "model.safetensors")
+    assert torch.equal(tuned["conv1.weight"], source["conv1.weight"].repeat(1, 3, 1, 1) / 3)
+    expected = torch.tensor(meta["normalization"]["mean"]).mean((1, 2)).expand(3)
+    assert torch.equal(torch.tensor(tuned_meta["normalization"]["mean"]), expected)
+    assert tuned_meta["normalization"]["std"] is None
+    assert main(["eval", str(tmp_path / "probe"), "--data", str(rgb)]) == 0
+    capsys.readouterr()
+    assert _fine_tune(three_classes, tmp_path / "back", "--init-from",
+                      str(tmp_path / "probe")) == 0
+    out = capsys.readouterr().out
+    assert "stem adapted from 3 to 1 input channel(s): conv1.weight summed over its input " \
+        "channels" in out
+    assert "its run's per-channel mean (its 3 channels averaged to 1)" in out
+    back = load_weights(tmp_path / "back" / "model.safetensors")[1]["normalization"]
+    assert torch.allclose(torch.tensor(back["mean"]), expected[:1])
+
+
+def test_a_fine_tune_on_photographs_takes_torchvisions_augmentation_and_normalisation(
+        torchvision_resnet18, tmp_path, capsys):
+    """Issue 38.10, the README's `--recipe finetune --init-from resnet50-0676ba61.pth` on
+    photographs, through the Python API: not refused for Sec. 4.2's pad-crop-flip but trained
+    with torchvision's RandomResizedCrop and flip, normalised with torchvision's ImageNet mean
+    and std (not the photographs'), each said; the weights record both for eval, predict and
+    export, recipe.json the run as asked."""
+    from dataclasses import replace
+
+    from test_imagenet import photo_tree
+
+    from reslab.finetune import IMAGENET_MEAN, IMAGENET_STD
+    from reslab.recipes import RECIPES
+    from reslab.train import TrainOptions, train
+
+    _, path = torchvision_resnet18
+    photos = photo_tree(tmp_path / "photos", train=2, val=1)
+    recipe = replace(RECIPES["finetune"], iterations=1, batch_size=2, eval_every=1)
+    train(RunSpec(model="resnet18", data=str(photos), recipe=recipe, init_from=str(path)),
+          tmp_path / "run", options=TrainOptions(tensorboard=False, workers=0, progress=False))
+    out = capsys.readouterr().out
+    assert "augmentation: torchvision's RandomResizedCrop 224 and flip for a fine-tune on " \
+        "photographs" in out
+    assert "normalised as the source was trained: torchvision's ImageNet mean and std" in out
+    _, meta = load_weights(tmp_path / "run" / "model.safetensors")
+    assert meta["normalization"]["mean"] == torch.tensor(IMAGENET_MEAN).tolist()
+    assert meta["normalization"]["std"] == torch.tensor(IMAGENET_STD).tolist()
+    assert meta["spec"]["recipe"]["augmentation"] == "torchvision"
+    asked = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert asked["recipe"]["augmentation"] == "pad-crop-flip"  # a resume compares with this
+    assert main(["predict", str(tmp_path / "run"), str(photos / "val")]) == 0
+    assert "top-1 error" in capsys.readouterr().err
+
+
+def test_the_source_normalisation_is_fitted_or_left_and_a_resume_keeps_its_start(tmp_path):
+    """What fit_to_data decides: the source's normalisation where it fits; the data's per-pixel
+    mean, with a note, where its channels cannot be reconciled; on a resume, whatever the
+    checkpoint recorded (its start's), whatever the source says now."""
+    from dataclasses import replace
+
+    from reslab.finetune import IMAGENET_MEAN, IMAGENET_STD, fit_to_data, source_normalization
+    from reslab.recipes import RECIPES
+
+    _, meta = load_weights(MAKE_RUN / "model.safetensors")
+    spec = RunSpec(model="resnet20", data="x", recipe=RECIPES["finetune"],
+                   init_from=str(MAKE_RUN))
+    fitted, norm, notes = fit_to_data(spec, photos=False, channels=1, size=(28, 28))
+    assert torch.equal(norm[0], torch.tensor(meta["normalization"]["mean"])) and norm[1] is None
+    assert fitted.recipe.normalization == "source" and len(notes) == 1
+    # One channel repeats to any number (as the stem); three do not become two.
+    assert fit_to_data(spec, photos=False, channels=4, size=(28, 28))[1][0].shape == (4, 28, 28)
+    pth = tmp_path / "resnet20.pth"
+    pth.write_bytes(b"")  # a torchvision file: ImageNet's mean and std, read from no file
+    fitted, norm, notes = fit_to_data(replace(spec, init_from=str(pth)), photos=False,
+                                      channels=2, size=(28, 28))
+    assert norm is None and fitted.recipe.normalization == "pixel"
+    assert notes == ["normalised with this data's per-pixel mean: the source has torchvision's "
+                     "ImageNet mean and std, as torchvision's weights files are, which does not "
+                     "fit 2-channel images"]
+    # torchvision's weights by name: their transforms' (no file read).
+    by_name = source_normalization("torchvision:ResNet50_Weights.IMAGENET1K_V2")
+    assert by_name[0].tolist() == torch.tensor(IMAGENET_MEAN).tolist()
+    assert by_name[1].tolist() == torch.tensor(IMAGENET_STD).tolist()
+    recorded = {"mean": torch.zeros(1), "std": torch.ones(1)}
+    _, norm, _ = fit_to_data(spec, photos=False, channels=1, size=(28, 28), recorded=recorded,
+                             resuming=True)
+    assert norm == (recorded["mean"], recorded["std"])
+    fitted, norm, _ = fit_to_data(spec, photos=False, channels=1, size=(28, 28), resuming=True)
+    assert norm is None and fitted.recipe.normalization == "pixel"  # the start's: the data's
+    # Not a fine-tune: photographs keep the recipe's augmentation (the feed refuses it).
+    fitted, _, _ = fit_to_data(RunSpec(model="resnet20", data="x"), photos=True, channels=3,
+                               size=(224, 224))
+    assert fitted.recipe.augmentation == "pad-crop-flip"
