@@ -6,8 +6,9 @@ Which blocks run (the rule). README.md's fenced blocks (```...```) are read in o
 - any other block is a *command block* when every logical line (backslash continuations joined,
   ``#`` comments dropped) starts with a word of COMMANDS (reslab, torchrun, srun, make, pip,
   python). Each of its commands is run (RUNNERS, per command word), in a reduced form that says
-  why (torchrun on 2 ranks with gloo, ``make -n``), or listed in LISTED with the reason it
-  cannot run here; an unknown command word fails the test;
+  why (torchrun on 2 ranks with gloo, ``make -n``; REDUCE: fewer arms), run only under
+  ``-m slow`` (SLOW, each with its measured cost), or listed in LISTED with the reason it cannot
+  run here; a command word without a runner fails the test until it is run or listed;
 - a block with no command line must be listed in NOT_COMMANDS (an output listing, the layout)
   by its first line; a block that mixes commands and other lines, or an unlisted block, fails.
 
@@ -19,7 +20,8 @@ of earlier ones, as a reader following the README would), with the data names an
 README uses mapped onto tiny generated equivalents (DATA_TABLE) and long schedules shrunk
 (SHRINK), and must exit as the README says (0 unless EXIT says otherwise). ``reslab`` commands
 run in-process through ``reslab.cli.main`` (the console script's entry point) so the whole test
-takes about a minute; torchrun and make run as subprocesses on this checkout's code.
+takes about 100 s on this loaded 2-core machine (the `slow` variant adds SLOW: many minutes);
+torchrun and make run as subprocesses on this checkout's code.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ SLOW = {
         "2.5-3.5 min even at --steps 2 --batch-size 2 --input-size 32 (probes, references)",
     "reslab bench infer resnet50 --batch-size 32": "every inference path of ResNet-50 at 224",
     "reslab bench onnx resnet50": "ONNX export and every inference path of ResNet-50 at 224",
+    "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 "
+    "--rdzv-id in50 -m reslab train resnet50 --data ~/imagenet --out runs/in50 --recipe imagenet":
+        "two agents and two workers starting torch on 2 cores, ~35 s; the default suite's "
+        "tests/test_distributed.py trains with two agents on localhost the same way",
 }
 
 # A reduction beyond SHRINK for one command (its arms), and why.
@@ -90,6 +96,8 @@ REDUCE = {
         ["--depths", "50"], "one arm (ResNet-50) of the seven: all seven at 224 take 2.5 min"),
     "reslab study shortcuts --data fashion-mnist --out out/shortcuts --iterations 8000": (
         ["--depths", "20"], "the seven mappings at depth 20 only (56 as well doubles its time)"),
+    "reslab study block-depth --data fashion-mnist --out out/blocks --iterations 8000": (
+        ["--depths", "20"], "k = 1, 2, 3 and the plain twin at depth 20 (2.5x faster than 56)"),
 }
 
 # The exit status the README gives a command, where it is not 0, by (command, occurrence).
@@ -136,12 +144,13 @@ SHRINK = {
     "train": [("--iterations", "2"), ("--batch-size", "2"), ("--workers", "0")],
     "eval": [("--workers", "0")],
     "data": [("--workers", "0")],
-    "reproduce": [("--iterations", "2"), ("--batch-size", "4"), ("--workers", "0")],
+    "reproduce": [("--iterations", "2"), ("--batch-size", "2"), ("--workers", "0")],
     "study": [("--iterations", "2"), ("--batch-size", "4"), ("--workers", "0")],
     "bench": [("--steps", "2"), ("--batch-size", "2"), ("--input-size", "32")],
 }
-# Counts shrunk only where the README gives them (--seeds 5: five seeds of every arm).
-SHRINK_IF_PRESENT = {"--seeds": "2"}
+# Counts shrunk only where the README gives them (--seeds 5: five seeds of every arm; one seed
+# runs the same code, and tests/test_studies.py covers several).
+SHRINK_IF_PRESENT = {"--seeds": "1"}
 # `bench` compiles by default (a minute of torch.compile alone here): --no-compile.
 BENCH_EXTRA = ["--no-compile"]
 
