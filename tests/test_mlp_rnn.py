@@ -193,3 +193,16 @@ def test_depth_study_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--report-only"]) == 0
     assert (out / "report.md").read_text() == report
+
+
+def test_lstm_multiply_adds_are_counted_as_the_flop_counter_counts_them():
+    from reslab.complexity import count_multiply_adds, lstm_multiply_adds, stage_shapes
+
+    for name, channels in (("reslstm3", 1), ("plainlstm2", 3)):
+        with torch.device("meta"):
+            model = build_model(name, in_channels=channels)
+            x = torch.empty(1, channels, 28, 28)
+        with torch.no_grad():
+            counted, shapes = count_multiply_adds(model, x), stage_shapes(model, x)
+        assert lstm_multiply_adds(model, 28) == (counted, shapes)
+        assert describe(name, in_channels=channels).multiply_adds == counted
