@@ -656,9 +656,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+# The options each bench mode uses; one it does not use is refused, never silently ignored.
+BENCH_USES = {
+    "train": {"steps", "input_size", "in_channels", "no_ablation", "device"},
+    "infer": {"input_size", "in_channels"},
+    "onnx": {"threads"},
+    "photos": {"steps", "device", "data", "workers"},
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    for name in ("threads", "steps", "input_size", "in_channels", "no_ablation", "device",
+                 "data", "workers"):
+        if getattr(args, name) not in (None, False) and name not in BENCH_USES[args.mode]:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"bench {args.mode} does not use {flag}; omit it (it is for bench "
+                             + " and ".join(m for m, uses in BENCH_USES.items() if name in uses)
+                             + ")")
+    args.steps, args.device = args.steps or 20, args.device or "cpu"
+    args.in_channels = args.in_channels or 3
     if args.mode == "onnx":
         return _bench_onnx(args)
     if args.mode == "photos":
@@ -983,17 +1001,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default: 128 train, 1 infer, 1 and 32 onnx, 32 photos)")
     p.add_argument("--threads", type=_positive_int,
                    help="onnx: threads for PyTorch and ONNX Runtime (default: all cores)")
-    p.add_argument("--steps", type=_positive_int, default=20,
+    p.add_argument("--steps", type=_positive_int,
                    help="timed steps per setup, train and photos (default: 20)")
     p.add_argument("--input-size", type=_positive_int,
                    help="input side in pixels (default: 32 for CIFAR nets, 224 for ImageNet nets)")
-    p.add_argument("--in-channels", type=_positive_int, default=3,
-                   help="input channels (default: 3)")
+    p.add_argument("--in-channels", type=_positive_int,
+                   help="input channels, train and infer (default: 3)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave torch.compile out (default: compiled)")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the one-change-at-a-time ablation (default: run it)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda, train only (default: cpu)")
+    p.add_argument("--device", help="cpu or cuda, train and photos (default: cpu)")
     p.add_argument("--data", type=Path,
                    help="photos: the image folder (default: none; photos needs one)")
     p.add_argument("--workers", type=_workers,

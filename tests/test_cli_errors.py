@@ -257,3 +257,15 @@ def test_every_option_says_what_it_does_and_its_default():
                 assert "(required)" in action.help, name
         seen += 1
     assert seen > 60  # every subcommand's options were walked
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["bench", "onnx", "resnet20", "--input-size", "64"], "--input-size"),
+    (["bench", "infer", "resnet20", "--steps", "3"], "--steps"),
+    (["bench", "train", "resnet20", "--threads", "2"], "--threads"),
+    (["bench", "train", "resnet20", "--workers", "1"], "--workers"),
+])
+def test_bench_refuses_an_option_its_mode_does_not_use(argv, flag, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"does not use {flag}; omit it" in err[0]

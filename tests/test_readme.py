@@ -45,6 +45,7 @@ from test_data import write_cifar, write_cifar10_jpeg
 from test_imagenet import photo_tree
 
 from conftest import make_dataset, write_image_folder
+from reslab.cli import BENCH_USES
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -245,6 +246,9 @@ def shrink(argv: list[str]) -> list[str]:
     if not argv or argv[0].startswith("-"):
         return argv
     for name, value in SHRINK.get(argv[0], []):
+        if argv[0] == "bench" and name.lstrip("-").replace("-", "_") not in (
+                BENCH_USES[argv[1]] | {"batch_size"}):
+            continue  # bench refuses an option its mode does not use
         argv = set_option(argv, name, value)
     for name, value in SHRINK_IF_PRESENT.items():
         argv = set_option(argv, name, value, add=False)
