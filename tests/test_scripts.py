@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import pytest
 import torch
@@ -209,9 +210,10 @@ def test_shell_script_parses(rel):
     assert r.returncode == 0, r.stderr
 
 
-def dry_run(rel: str, tmp_path: Path, **env: str) -> list[list[str]]:
+def dry_run(rel: str, tmp_path: Path, cores: int | None = None, **env: str) -> list[list[str]]:
     """Run scripts/REL from the repository root with DRY_RUN=1; the reslab argument lists it
-    printed ("+ ARGS"), each checked against reslab's parser (without running anything)."""
+    printed ("+ ARGS"), each checked against reslab's parser (without running anything) as on a
+    machine of `cores` cores (the parser bounds --workers by the machine's; default: this one's)."""
     r = subprocess.run(["bash", str(SCRIPTS / rel)], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "DRY_RUN": "1", "RESLAB": "false", **env},
                        timeout=60)
@@ -220,7 +222,8 @@ def dry_run(rel: str, tmp_path: Path, **env: str) -> list[list[str]]:
     parser = build_parser()
     for argv in commands:
         try:
-            args = parser.parse_args(argv)
+            with mock.patch("os.cpu_count", return_value=cores or os.cpu_count()):
+                args = parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"scripts/{rel}: reslab cannot parse: {shlex.join(argv)}")
         if getattr(args, "data", None) is not None:  # a known name, or bench photos' folder
@@ -288,7 +291,7 @@ def test_cifar10_jpeg_sh_dry_run(tmp_path):
 
 def test_h200_run_sh_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    commands = dry_run("h200/run.sh", tmp_path, OUT=str(out), WORK=str(work), LANES="abstk",
+    commands = dry_run("h200/run.sh", tmp_path, cores=16, OUT=str(out), WORK=str(work), LANES="abstk",
                        DRY_RUN_CG="--cuda-graphs off", PY="false")
     assert _kinds(commands) == {("reproduce", "table6"), ("reproduce", "fig6"),
                                 ("study", "shortcuts"), ("study", "block-depth"),
@@ -304,7 +307,7 @@ def test_h200_run_sh_dry_run(tmp_path):
 
 def test_h200_table6_64k_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    commands = dry_run("h200/table6_64k.sh", tmp_path, OUT=str(out), WORK=str(work), PY="false")
+    commands = dry_run("h200/table6_64k.sh", tmp_path, cores=16, OUT=str(out), WORK=str(work), PY="false")
     assert _kinds(commands) == {("reproduce", "table6")}
     # ResNet-110 and ResNet-56 first, then ResNet-1202 without torch.compile; the paper's
     # schedule, one depth a command, all in one run pool, cifar10-jpeg.
