@@ -48,9 +48,12 @@ _WRITE_FAULTS = {
 def write_error(path: Path, error: OSError) -> CheckpointError:
     """A clear error for a failed write: which file, why, and that the run can be resumed."""
     reason = _WRITE_FAULTS.get(error.errno, error.strerror or type(error).__name__)
+    kept = list_checkpoints(path.parent)  # `path` itself is never half-written (_atomic_write)
+    state = (f"{kept[-1].name} is intact" if kept else "no checkpoint was written yet")
+    after = "to resume from it" if kept else "(it starts from the beginning)"
     return CheckpointError(
-        f"cannot write {path}: {reason} ({error}); the previous checkpoint is intact: free space "
-        "or make the folder writable, then rerun the same command to resume"
+        f"cannot write {path}: {reason} ({error}); {state}: free space or make the folder "
+        f"writable, then rerun the same command {after}"
     )
 
 

@@ -84,6 +84,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     """How runs execute (TrainOptions, read back by _train_options); they change no result."""
+    from .distributed import RENDEZVOUS_TIMEOUT
+
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -119,6 +121,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BN statistics over the global batch instead of each "
                    "rank's share (default: off, per rank as the paper's 8 GPUs)")
+    p.add_argument("--rendezvous-timeout", type=_positive, default=RENDEZVOUS_TIMEOUT,
+                   metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before a clear "
+                   f"error (default: {RENDEZVOUS_TIMEOUT:g})")
 
 
 def _train_options(args: argparse.Namespace) -> TrainOptions:
@@ -132,6 +138,7 @@ def _train_options(args: argparse.Namespace) -> TrainOptions:
         skip_bad_images=args.skip_bad_images, skip_nonfinite=args.skip_nonfinite,
         deterministic=args.deterministic, progress=False if args.no_progress else None,
         workers=args.workers, loader=args.loader, sync_bn=args.sync_bn,
+        rendezvous_timeout=args.rendezvous_timeout,
     )
 
 
@@ -265,11 +272,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         if main:
             print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
-                  f"same command: reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
+                  f"same command: {_this_command()}", file=sys.stderr)
         return 128 + e.signum
     except NonFiniteLoss as e:
-        print(f"reslab train: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("reslab train", str(e))
     if not main:
         return 0
     print(f"final test error {100 * summary['final_test_error']:.2f}% "
@@ -650,7 +656,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"stopped after iteration {e.step} of {e.checkpoint.parent.name} "
               f"({e.checkpoint.name} saved). Resume the whole study with the same command: "
-              f"reslab {' '.join(sys.argv[1:])}", file=sys.stderr)
+              f"{_this_command()}", file=sys.stderr)
         return 128 + e.signum
     print(f"report: {report}")
     return 0
@@ -724,16 +730,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"  reslab model only      {r['model_only_images_per_second']:>8.0f} img/s")
     print(f"  eager fp32 model only  {r['reference_model_only_images_per_second']:>8.0f} img/s"
           f"   ratio x{r['model_only_ratio']:.2f}")
+    bf16 = r["peak_bf16_madds_per_s"]
     print(f"  peak probe: fp32 {r['peak_fp32_madds_per_s'] / 1e9:.0f}, bf16 "
-          f"{r['peak_bf16_madds_per_s'] / 1e9:.0f} G multiply-adds/s; achieved "
-          f"{r['achieved_madds_per_s'] / 1e9:.0f} G = {100 * r['peak_fraction']:.0f}% of bf16")
+          + (f"{bf16 / 1e9:.0f}" if bf16 else "not native (not probed)")
+          + f" G multiply-adds/s; achieved {r['achieved_madds_per_s'] / 1e9:.0f} G = "
+          f"{100 * r['peak_fraction']:.0f}% of {r['precision']}")
     print("  step split (reslab): " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in r["step_split"].items()))
     k = r["kernel_split"]
     print(f"  convolutions take {100 * k['convolution_share']:.0f}% of a model-only step, at "
           f"{k['convolution_madds_per_s'] / 1e9:.0f} G multiply-adds/s "
-          f"({100 * k['convolution_peak_fraction']:.0f}% of bf16 peak); the rest is BN, ReLU, "
-          "additions")
+          f"({100 * k['convolution_peak_fraction']:.0f}% of {r['precision']} peak); the rest is "
+          "BN, ReLU, additions")
     print("  step split (tutorial): " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in r["reference_step_split"].items()))
     for k, v in r.get("ablation_model_only", {}).items():
@@ -1070,9 +1078,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def _this_command() -> str:
+    """The command a user reruns to resume: torchrun's, under torchrun."""
+    import shlex
+
+    from .distributed import launcher_command
+
+    return shlex.join(launcher_command() or ["reslab", *sys.argv[1:]])
+
+
+# Under torchrun, a rank other than 0 waits this long before printing its error: an error every
+# rank meets is then printed once, by rank 0, after which the agent stops the other ranks.
+RANK_ERROR_DELAY = 5.0
+
+
 def _fail(command: str, message: str, code: int = 2) -> int:
-    """The error in one line on stderr."""
+    """The error in one line on stderr (under torchrun, once: see RANK_ERROR_DELAY)."""
     one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    if os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
+        import time
+
+        time.sleep(RANK_ERROR_DELAY)  # rank 0 met it too, unless this rank's own
     print(f"{command}: error: {one_line}", file=sys.stderr)
     return code
 

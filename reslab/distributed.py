@@ -14,15 +14,24 @@ resumes from the same state without a shared file system.
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .data.workers import signal_on_parent_death
 
 
 @dataclass(frozen=True)
@@ -65,27 +74,150 @@ def rank_device(world: World, device: torch.device) -> torch.device:
     return device
 
 
+RENDEZVOUS_TIMEOUT = 300.0  # seconds a rank waits for the others (--rendezvous-timeout)
+_REFUSED = "reslab/refused"  # torchrun's store: the user's error that ended an attempt
+
+
+class RendezvousError(ValueError):
+    """The ranks did not meet: a wrong address or port, or a rank that never started."""
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun's agent started this process (it names the run in the environment)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+@functools.cache  # read while the agent lives (process_group): a dead one's pid says nothing
+def launcher_command() -> list[str] | None:
+    """The command that started this worker's torchrun agent, its parent (read from /proc), as
+    a user types it: what resumes the run, and what env.json records. None outside torchrun or
+    where /proc cannot tell."""
+    if not under_torchrun():
+        return None
+    try:
+        argv = [a.decode(errors="replace") for a in
+                Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except OSError:
+        return None
+    if argv and Path(argv[0]).name == "torchrun":
+        return ["torchrun", *argv[1:]]
+    if len(argv) > 1 and Path(argv[1]).name == "torchrun":  # the console script, run by python
+        return ["torchrun", *argv[2:]]
+    return argv or None  # `python -m torch.distributed.run ...`, its interpreter's full path
+
+
+def _group_store(world: World, store: dist.Store, deadline: float) -> dist.Store:
+    """This group's own namespace in torchrun's store. The store outlives a group restarted by
+    --max-restarts, so the dead group's addresses are still in it (gloo then fails with
+    "connectFullMesh ... Connection refused"); torchrun's restart count cannot name the group,
+    as two agents count their restarts apart. Rank 0 names the group afresh; every other rank
+    reads the name and joins with a token of its own until rank 0 acknowledges that token, so
+    neither a name nor an acknowledgement left by a dead group is ever taken for this one."""
+    if world.main:
+        name = uuid.uuid4().hex
+        store.set("reslab/group", name)
+        group = dist.PrefixStore(f"reslab/{name}", store)
+        joins = [f"join/{r}" for r in range(1, world.size)]
+        group.wait(joins, timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+        for key in joins:
+            group.set(f"ack/{group.get(key).decode()}", "1")
+        return group
+    token = uuid.uuid4().hex
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        store.wait(["reslab/group"], timedelta(seconds=left))
+        group = dist.PrefixStore(f"reslab/{store.get('reslab/group').decode()}", store)
+        group.set(f"join/{world.rank}", token)
+        try:  # rank 0 may still be starting; a dead one never answers: read the name again
+            group.wait([f"ack/{token}"], timedelta(seconds=min(2.0, max(left, 0.001))))
+            return group
+        except dist.DistStoreError:
+            continue
+
+
 @contextmanager
-def process_group(world: World, device: torch.device) -> Iterator[None]:
+def _c10d_quiet() -> Iterator[None]:
+    """Standard error muted: c10d logs every failed try to reach the store itself, each with a
+    C++ stack trace; the RendezvousError says it once."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else "timed out"
+
+
+@contextmanager
+def process_group(world: World, device: torch.device,
+                  timeout: float = RENDEZVOUS_TIMEOUT) -> Iterator[None]:
     """The default process group for a multi-rank run (NCCL on GPUs, gloo on CPUs), destroyed
-    on exit; nothing for one process."""
+    on exit; nothing for one process. The ranks meet within `timeout` seconds, else a
+    RendezvousError. Under torchrun a worker gets SIGTERM when its agent dies (even by kill -9),
+    so every rank stops after the same step with a checkpoint (runtime.stop_signals), rather
+    than training on unsupervised."""
     if world.size == 1 or dist.is_initialized():
         yield
         return
+    if under_torchrun():
+        launcher_command()
+        signal_on_parent_death(signal.SIGTERM)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # torchrun's store, keyed by its restart count: on this torch the default env:// set-up of a
-    # group restarted by --max-restarts reads the dead group's addresses and times out
-    # ("Gloo connectFullMesh failed ... Connection refused"); a prefix per attempt does not.
-    store, _, _ = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            store=dist.PrefixStore(f"reslab/attempt_{attempt}", store),
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    deadline = time.monotonic() + timeout
+    try:
+        with _c10d_quiet():
+            root, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+            refused = root.get(_REFUSED).decode() if root.check([_REFUSED]) else None
+            store = None if refused else _group_store(world, root, deadline)
+    except (TimeoutError, dist.DistError) as e:
+        raise RendezvousError(
+            f"rank {world.rank} of {world.size} did not meet the other ranks at {where} within "
+            f"{timeout:g} s ({_first_line(e)}); check that "
+            "every node was given the same address and port and that every rank started, or "
+            "wait longer with --rendezvous-timeout") from None
+    if refused:  # an earlier attempt of this job met a user's error
+        raise ValueError(f"{refused} (met before torchrun restarted the ranks; an error in the "
+                         "command or its files is not retried)")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
                             rank=world.rank, world_size=world.size)
     try:
         yield
+    except ValueError as e:  # --max-restarts would rerun the same command into the same error
+        # (or, once a folder in use is free, into another outcome than the one refused)
+        root.set(_REFUSED, str(e))
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def resume_notes(starts: list[dict[str, Any]], size: int, sync_bn: bool) -> list[str]:
+    """What changes at a resume on `size` ranks (with --sync-bn or not) after the starts
+    env.json records (the first, then each resume's, this one last)."""
+    if len(starts) < 2:
+        return []
+    before, was_sync = starts[-2].get("world_size", 1), starts[-2].get("sync_bn", False)
+    notes = []
+    per_rank = (not was_sync and before > 1, not sync_bn and size > 1)
+    if before != size and any(per_rank):
+        notes.append(f"note: trained on {before} rank(s) until now, {size} from here: the same "
+                     "global batches, but each rank's BN statistics come from another share of "
+                     "them (--sync-bn would make them the whole batch's)")
+    if was_sync != sync_bn and before > 1 and size > 1:
+        how = ("over the global batch", "per rank")
+        notes.append(f"note: BN statistics were computed {how[not was_sync]} until now, "
+                     f"{how[not sync_bn]} from here (--sync-bn {'given' if sync_bn else 'left out'}"
+                     "): the rest of the run trains another net than its start")
+    return notes
 
 
 def all_sum(world: World, values: list[float], device: torch.device) -> list[float]:

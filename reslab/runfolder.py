@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .checkpoint import WEIGHTS, save_weights, write_error, write_text
+from .distributed import launcher_command
 from .recipes import Recipe
 
 LOCK = ".lock"
@@ -71,7 +72,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "command": sys.argv,
+        # The launcher's under torchrun (what resumes the run); the worker's is its tail.
+        "command": launcher_command() or sys.argv,
     }
 
 

@@ -124,14 +124,17 @@ class Window:
 
     @classmethod
     def start(cls, device: torch.device, *, warmup: bool, warmup_window: int,
-              state: dict[str, Any] | None = None) -> Window:
-        """A new window, or the one a checkpoint saved (`state` as state_dict() wrote it)."""
+              state: dict[str, Any] | None = None,
+              world: World = World()) -> Window:  # noqa: B008 (frozen)
+        """A new window, or the one a checkpoint saved (`state` as state_dict() wrote it): its
+        sums are every rank's, so rank 0 alone resumes with them and the others from zero."""
         sums = {"loss": 0.0, "wrong": 0.0, "seen": 0}
         recent: deque[float] = deque(maxlen=warmup_window)
         streak, over_at = 0, None
         if state is not None:
-            warmup, sums, streak = state["warmup"], dict(state["window"]), state.get(
-                "nonfinite_in_a_row", 0)
+            warmup, streak = state["warmup"], state.get("nonfinite_in_a_row", 0)
+            if world.main:
+                sums = dict(state["window"])
             over_at = state.get("warmup_over_at")  # absent from checkpoints before it was kept
             recent.extend(state["recent_errors"])
         tensors = {k: torch.tensor(float(sums[k]), dtype=torch.float64, device=device)
@@ -139,12 +142,15 @@ class Window:
         tensors["nonfinite"] = torch.zeros((), dtype=torch.int64, device=device)
         return cls(tensors, int(sums["seen"]), warmup, recent, streak, over_at)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The checkpoint's entries for the window (their names are the checkpoint format)."""
+    def state_dict(self, world: World = World()) -> dict[str, Any]:  # noqa: B008 (frozen)
+        """The checkpoint's entries for the window (their names are the checkpoint format), its
+        sums over every rank (a collective: every rank calls it): a checkpoint between two log
+        lines holds the whole open window, not rank 0's share of it."""
+        loss, wrong, seen = all_sum(world, [self.sums["loss"].item(), self.sums["wrong"].item(),
+                                            float(self.seen)], self.sums["loss"].device)
         return {
             "warmup": self.warmup, "recent_errors": list(self.recent_errors),
-            "window": {"loss": self.sums["loss"].item(), "wrong": self.sums["wrong"].item(),
-                       "seen": self.seen},
+            "window": {"loss": loss, "wrong": wrong, "seen": int(seen)},
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "warmup_over_at": self.warmup_over_at,
         }

@@ -32,10 +32,12 @@ from .checkpoint import (
 from .data import BatchStream, DataError, Dataset, ImageTree, open_data
 from .data.workers import check_workers
 from .distributed import (
+    RENDEZVOUS_TIMEOUT,
     all_sum,
     broadcast,
     process_group,
     rank_device,
+    resume_notes,
     sync_batch_norm,
     world_from_env,
 )
@@ -107,6 +109,7 @@ class TrainOptions:
     keep_checkpoints: int = 2
     workers: int | None = None  # loader processes for streamed image trees (None: feed's default)
     sync_bn: bool = False  # under torchrun: BN statistics over the global batch, not per rank
+    rendezvous_timeout: float = RENDEZVOUS_TIMEOUT  # under torchrun: seconds to meet the others
     loader: str = "auto"  # an image folder in memory or streamed (data.open_data)
 
 
@@ -176,7 +179,8 @@ def train(
     dev, recipe = rank_device(world, dev), spec.recipe
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
     main = world.main  # rank 0 alone writes the run folder (one process: always)
-    with process_group(world, dev), (folder.lock() if main else nullcontext()):
+    with process_group(world, dev, o.rendezvous_timeout), \
+            (folder.lock() if main else nullcontext()):
         # Nothing is written before the lock is held.
         done = folder.finished() if extends is None and main else None
         if (done := broadcast(world, done, dev)) is not None:
@@ -249,15 +253,12 @@ def train(
                 more = f", extended from {extends}" if extends is not None else ""
                 print(f"resuming {folder.path} from {path.name} (iteration {step}/"
                       f"{recipe.iterations}{more})")
-                starts = [env, *env.get("resumes", [])]
-                before = starts[-2].get("world_size", 1) if len(starts) > 1 else world.size
-                if before != world.size and not o.sync_bn:
-                    print(f"note: trained on {before} rank(s) until now, {world.size} from here: "
-                          "the same global batches, but each rank's BN statistics come from "
-                          "another share of them (--sync-bn would make them the whole batch's)")
+                for note in resume_notes([env, *env.get("resumes", [])], world.size, o.sync_bn):
+                    print(note)
             folder.rewind_metrics(step if state is not None else None)
         warmup = warms_up(spec.model, recipe.warmup_min_depth)
-        window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state)
+        window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state,
+                              world=world)
         mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
         compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
                          else o.compile_model)
@@ -275,13 +276,14 @@ def train(
         )
         last_record = step
 
-        def checkpoint() -> Path:
+        def checkpoint() -> Path:  # every rank calls it (the window's sums are all-reduced)
+            window_state = window.state_dict(world)
             if not main:
                 return checkpoint_path(folder.path, step)
             return save_checkpoint(folder.path, step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "stream": stream.state_dict(), "step": step,
-                "elapsed": time.perf_counter() - t0, **window.state_dict(),
+                "elapsed": time.perf_counter() - t0, **window_state,
                 "plateau": plateau.state_dict(), "skipped_images": feed.skipped,
                 "spec": spec_dict, **({} if source_norm is None else {"normalization": {
                     "mean": source_norm[0], "std": source_norm[1]}}),

@@ -10,6 +10,7 @@ import torch
 from reslab import build_model
 from reslab.cli import main
 from reslab.export import fold_batch_norm
+from reslab.runtime import resolve_precision
 
 
 def test_bn_folding_is_exact_enough():
@@ -34,6 +35,11 @@ def test_bench_train_and_infer_json(capsys):
     for key in ("images_per_second", "reference_images_per_second", "ratio", "peak_fraction"):
         assert r[key] > 0, key
     assert abs(sum(r["step_split"].values()) - 1) < 0.05
+    # The peak is that of the precision reslab trains in here; bf16's only where it is native.
+    assert r["precision"] == resolve_precision("auto", torch.device("cpu"))
+    assert (r["peak_bf16_madds_per_s"] is None) == (r["precision"] == "fp32")
+    peak = r[f"peak_{r['precision']}_madds_per_s"]
+    assert r["peak_fraction"] == pytest.approx(r["achieved_madds_per_s"] / peak)
     assert 0 < r["kernel_split"]["convolution_share"] < 1
     assert main(["bench", "infer", "resnet8", "--batch-size", "4", "--no-compile",
                  "--json"]) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -21,9 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_dataset, write_image_folder
-from reslab.distributed import SyncBatchNorm2d, World, sync_batch_norm
+from reslab.distributed import SyncBatchNorm2d, World, resume_notes, sync_batch_norm
 from reslab.models import build_model
 from reslab.recipes import Recipe
+from reslab.runfolder import RunFolder
 from reslab.step import Window, build_step, make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,18 +152,27 @@ def test_two_ranks_with_sync_bn_equal_one_process_and_only_rank_0_writes(folder,
     assert env["world_size"] == 2 and json.loads((one / "env.json").read_text())["world_size"] == 1
 
 
+# Checkpoints every 10 iterations, log lines every 3: a checkpoint (or a stop) falls inside an
+# open logging window, whose sums over both ranks it must keep.
+OFF_GRID = [*TRAIN[:TRAIN.index("--log-every") + 1], "3",
+            *TRAIN[TRAIN.index("--log-every") + 2:]]
+
+
 def test_sigterm_and_kill_9_under_max_restarts_end_bitwise_equal(folder, tmp_path):
     ref, cut, killed = tmp_path / "ref", tmp_path / "cut", tmp_path / "killed"
-    torchrun(*TRAIN, "--data", str(folder), "--out", str(ref))
+    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(ref))
     # SIGTERM to the launcher: every rank stops after the same step, one checkpoint, exit 143.
-    proc = torchrun(*TRAIN, "--data", str(folder), "--out", str(cut), wait=False)
+    proc = torchrun(*OFF_GRID, "--data", str(folder), "--out", str(cut), wait=False)
     _wait_for(cut, 20, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "Resume with the same command" in err, err
-    torchrun(*TRAIN, "--data", str(folder), "--out", str(cut))
+    # The hint and env.json name the launcher's command (torchrun's agent), not the worker's.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    assert proc.returncode != 0 and "Resume with the same command: " + shlex.join(launcher) in err
+    assert json.loads((cut / "env.json").read_text())["command"][:5] == launcher
+    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(cut))
     # kill -9 of one worker: torchrun restarts the group, which resumes from the checkpoint.
-    proc = torchrun(*TRAIN, "--data", str(folder), "--out", str(killed), wait=False,
+    proc = torchrun(*OFF_GRID, "--data", str(folder), "--out", str(killed), wait=False,
                     extra=("--max-restarts", "1", "--master-addr", "127.0.0.1",
                            "--master-port", str(_port())))
     _wait_for(killed, 20, proc)
@@ -173,23 +184,121 @@ def test_sigterm_and_kill_9_under_max_restarts_end_bitwise_equal(folder, tmp_pat
     w = _weights(ref)
     for run in (cut, killed):
         assert all(torch.equal(w[k], _weights(run)[k]) for k in w), run
-        assert [r["step"] for r in _records(run)] == [r["step"] for r in _records(ref)]
+        assert _records(run) == _records(ref), run  # --deterministic: no times to differ
 
 
 def test_two_agents_on_localhost_train_what_one_agent_with_two_processes_trains(folder,
                                                                                 tmp_path):
+    """And a worker killed with kill -9 under --max-restarts 1 costs one restart: the agents
+    count their restarts apart, so the restarted group cannot be named by either's count."""
     one, two = tmp_path / "one-agent", tmp_path / "two-agents"
-    torchrun(*TRAIN, "--data", str(folder), "--out", str(one))
+    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(one))
     port = _port()
-    agents = [torchrun(*TRAIN, "--data", str(folder), "--out", str(two), nproc=1, wait=False,
+    agents = [torchrun(*OFF_GRID, "--data", str(folder), "--out", str(two), nproc=1, wait=False,
                        extra=("--nnodes", "2", "--node-rank", str(n), "--rdzv-backend", "c10d",
-                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reslab"))
+                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reslab",
+                              "--max-restarts", "1"))
               for n in (0, 1)]
+    _wait_for(two, 20, agents[0])
+    os.kill(_a_worker(agents[1].pid), signal.SIGKILL)
     for agent in agents:
         out, err = agent.communicate(timeout=600)
         assert agent.returncode == 0, out + err
     w = _weights(one)
     assert all(torch.equal(w[k], _weights(two)[k]) for k in w)
+    assert _records(two) == _records(one)
+
+
+def test_a_killed_agent_stops_its_workers_with_a_checkpoint(folder, tmp_path):
+    """kill -9 of torchrun's agent: its workers get SIGTERM from the kernel and stop after the
+    same step with a checkpoint, instead of training on unsupervised; the same command then
+    ends as an uninterrupted run."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(ref))
+    proc = torchrun(*OFF_GRID, "--data", str(folder), "--out", str(run), wait=False)
+    _wait_for(run, 20, proc)
+    workers = [int(pid) for pid in
+               Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)  # the pipes close when the workers have exited
+    assert not any(_running(pid) for pid in workers)
+    assert "Resume with the same command" in err, err
+    assert not (run / "summary.json").exists()  # stopped, not trained to the end
+    stopped_at = max(int(p.stem.split("-")[1]) for p in run.glob("checkpoint-*.pt"))
+    assert 20 <= stopped_at < 50
+    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(run))
+    w = _weights(ref)
+    assert all(torch.equal(w[k], _weights(run)[k]) for k in w)
+    assert _records(run) == _records(ref)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_that_never_meet_stop_after_the_rendezvous_timeout_in_one_line(folder, tmp_path,
+                                                                             rank):
+    """A wrong port (nothing listens there) or a rank that never starts: a clear error after
+    --rendezvous-timeout, not torch's silent 30 minutes; nothing is written."""
+    port = _port()
+    r = subprocess.run(
+        [sys.executable, "-m", "reslab", *TRAIN, "--data", str(folder), "--out",
+         str(tmp_path / "run"), "--rendezvous-timeout", "2"], cwd=REPO, capture_output=True,
+        text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
+             "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"reslab train: error: rank {rank} of 2 did not meet the other ranks at "
+        f"127.0.0.1:{port} within 2 s"), r.stderr
+    assert "--rendezvous-timeout" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_user_error_under_torchrun_prints_once_and_is_not_retried(folder, tmp_path):
+    # An error every rank meets: one line, from rank 0.
+    proc = torchrun(*TRAIN, "--data", str(folder), "--out", str(tmp_path / "odd"),
+                    "--batch-size", "127", wait=False)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert [line for line in err.splitlines() if "reslab train: error:" in line] == [
+        "reslab train: error: the batch size 127 does not divide among 2 ranks; use a "
+        "--batch-size that is a multiple of 2"], err
+    # A folder in use: each restart --max-restarts grants meets the refusal at once, never
+    # "nothing to do" with exit 0 once the other process is done; nothing is written.
+    run = tmp_path / "busy"
+    with RunFolder(run).lock():
+        before = _files(run)
+        proc = torchrun(*TRAIN, "--data", str(folder), "--out", str(run), wait=False,
+                        extra=("--max-restarts", "2", "--master-addr", "127.0.0.1",
+                               "--master-port", str(_port())))
+        out, err = proc.communicate(timeout=300)
+        assert _files(run) == before
+    assert proc.returncode != 0 and "nothing to do" not in out
+    errors = [line for line in err.splitlines() if "reslab train: error:" in line]
+    assert len(errors) == 3, err  # the first attempt and two restarts, one line each
+    assert "is in use by another reslab process" in errors[0]
+    assert all("met before torchrun restarted the ranks" in e for e in errors[1:])
+
+
+def test_resume_notes_name_what_changes_for_bn():
+    one, two, two_sync = ({"world_size": 1, "sync_bn": False}, {"world_size": 2, "sync_bn": False},
+                          {"world_size": 2, "sync_bn": True})
+    assert resume_notes([two], 2, False) == []  # a first start
+    assert resume_notes([two, two], 2, False) == []
+    assert resume_notes([two_sync, one], 1, False) == []  # one process: the batch's statistics
+    [note] = resume_notes([two, two_sync], 2, True)
+    assert note.startswith("note: BN statistics were computed per rank until now, over the "
+                           "global batch from here (--sync-bn given)")
+    [note] = resume_notes([two_sync, two], 2, False)
+    assert "over the global batch until now, per rank from here (--sync-bn left out)" in note
+    [note] = resume_notes([one, two], 2, False)
+    assert note.startswith("note: trained on 1 rank(s) until now, 2 from here")
 
 
 def _wait_for(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:

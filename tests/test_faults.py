@@ -232,13 +232,23 @@ def test_full_disk_while_checkpointing(tmp_path, finished, monkeypatch):
     with pytest.raises(CheckpointError) as info:
         train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert f"cannot write {run / 'checkpoint-00000015.pt'}: disk full" in str(info.value)
-    assert "rerun the same command" in str(info.value)
+    assert "checkpoint-00000010.pt is intact" in str(info.value)
+    assert "rerun the same command to resume from it" in str(info.value)
     assert not list(run.glob(".*tmp*"))  # the temporary file is removed
     state, path = load_latest_checkpoint(run)
     assert path.name == "checkpoint-00000010.pt" and state["step"] == 10
     monkeypatch.undo()  # space freed: the same call resumes and ends as if nothing happened
     train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
     assert (run / "model.safetensors").read_bytes() == finished.weights
+
+
+def test_full_disk_at_the_first_checkpoint_claims_no_earlier_one(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _write_fails(monkeypatch, "checkpoint-00000005", errno.ENOSPC)
+    with pytest.raises(CheckpointError) as info:
+        train(SPEC, run, data=make_dataset(), options=TrainOptions(tensorboard=False))
+    assert "no checkpoint was written yet" in str(info.value) and "intact" not in str(info.value)
+    assert "(it starts from the beginning)" in str(info.value)
 
 
 def test_unwritable_folder_while_saving_weights_exits_2(tmp_path, finished, monkeypatch,

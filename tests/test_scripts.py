@@ -291,8 +291,8 @@ def test_cifar10_jpeg_sh_dry_run(tmp_path):
 
 def test_h200_run_sh_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    commands = dry_run("h200/run.sh", tmp_path, cores=16, OUT=str(out), WORK=str(work), LANES="abstk",
-                       DRY_RUN_CG="--cuda-graphs off", PY="false")
+    commands = dry_run("h200/run.sh", tmp_path, cores=16, OUT=str(out), WORK=str(work),
+                       LANES="abstk", DRY_RUN_CG="--cuda-graphs off", PY="false")
     assert _kinds(commands) == {("reproduce", "table6"), ("reproduce", "fig6"),
                                 ("study", "shortcuts"), ("study", "block-depth"),
                                 ("bench", "train"), ("bench", "photos"), ("train", "resnet20"),
@@ -307,7 +307,8 @@ def test_h200_run_sh_dry_run(tmp_path):
 
 def test_h200_table6_64k_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    commands = dry_run("h200/table6_64k.sh", tmp_path, cores=16, OUT=str(out), WORK=str(work), PY="false")
+    commands = dry_run("h200/table6_64k.sh", tmp_path, cores=16, OUT=str(out), WORK=str(work),
+                       PY="false")
     assert _kinds(commands) == {("reproduce", "table6")}
     # ResNet-110 and ResNet-56 first, then ResNet-1202 without torch.compile; the paper's
     # schedule, one depth a command, all in one run pool, cifar10-jpeg.

@@ -1,6 +1,7 @@
 """Worker processes that decode images (the loader's, `data check`'s): how many, bounded by the
 machine, and none outliving the process that started them, however that process ends (a kill
--9, the out-of-memory killer): an orphaned worker holds its memory until killed by hand."""
+-9, the out-of-memory killer): an orphaned worker holds its memory until killed by hand. A
+torchrun rank asks the same of its agent (distributed.process_group)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import ctypes
 import os
 import signal
 import sys
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def max_workers() -> int:
@@ -34,6 +33,21 @@ def check_workers(n: int, what: str = "--workers") -> int:
     return n
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def signal_on_parent_death(signum: int) -> None:
+    """Have the kernel send this process `signum` when the process that started it dies, however
+    it dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing). If the parent died while this was
+    being set, the signal is sent now."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # it died before the call took effect
+        os.kill(os.getpid(), signum)
+
+
 class DieWithParent:
     """A worker's initialiser (DataLoader's worker_init_fn, a process pool's initializer): the
     kernel kills the worker when the process that started it dies (Linux's PR_SET_PDEATHSIG;
@@ -44,7 +58,6 @@ class DieWithParent:
         self.parent = os.getpid()
 
     def __call__(self, *_worker_id: int) -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.parent:  # the parent died before the call above took effect
+        signal_on_parent_death(signal.SIGKILL)
+        if os.getppid() != self.parent:  # the parent died before this worker started
             os._exit(1)
