@@ -287,7 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _finetune_fields(args: argparse.Namespace) -> dict:
     """RunSpec's init_from, init_sha256, freeze (and layout) from --init-from, --freeze and
     --linear-probe."""
-    from .models import IMAGENET_STAGES, model_family, part_names
+    from .models import part_names
 
     fields: dict = {}
     if args.freeze is not None and args.linear_probe:
@@ -303,7 +303,7 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
         print("note: freezing parts of a freshly initialised network trains only the rest "
               "on random features; --init-from gives them trained weights", file=sys.stderr)
     if args.init_from is not None:
-        from .finetune import TORCH_SUFFIXES, file_digest, resolve_source
+        from .finetune import file_digest, resolve_source
 
         try:
             source = resolve_source(args.init_from)
@@ -313,15 +313,7 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
                 raise
             return {**fields, **recorded}  # the run's checkpoint holds every weight
         fields.update(init_from=str(source), init_sha256=file_digest(source))
-        depth = int("".join(c for c in args.model if c.isdigit()) or 0)
-        if source.suffix in TORCH_SUFFIXES and args.layout is None and \
-                model_family(args.model) == "imagenet" and \
-                IMAGENET_STAGES.get(depth, ("",))[0] == "bottleneck":
-            # torchvision's ResNets put the bottleneck's stride on its 3x3 (v1.5).
-            fields["layout"] = "v1.5"
-            print(f"note: {source.name} is read as a torchvision state dict: layout v1.5",
-                  file=sys.stderr)
-    return fields
+    return fields  # the layout of torchvision's weights: finetune.source_layout
 
 
 def _recorded_source(args: argparse.Namespace) -> dict | None:
@@ -399,8 +391,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**record, "data": args.data}))
     else:
-        protocol = f" ({record['protocol']})" if "protocol" in record else ""
-        print(f"{label} on {args.data}{protocol}: {_error_line(record)}")
+        print(f"{label} on {args.data} ({record['protocol']}): {_error_line(record)}")
     return 0
 
 
@@ -444,7 +435,7 @@ def _eval_one(args: argparse.Namespace, trained, data, *, logits=None,  # noqa: 
     import torch
 
     from .data import ImageTree
-    from .evaluate import error_and_loss, test_logits
+    from .evaluate import error_and_loss, test_logits, top5_error
 
     model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
     # An ensemble runs each member in its own precision unless --precision says otherwise.
@@ -458,8 +449,8 @@ def _eval_one(args: argparse.Namespace, trained, data, *, logits=None,  # noqa: 
         if logits_only:
             return logits
         error, loss = error_and_loss(logits, data.test_labels)
-        return {"test_error": error, "test_loss": loss, "model": spec.model,
-                "images": len(data.test_images), "precision": shown}
+        return _record(spec.model, shown, error, top5_error(logits, data.test_labels), loss,
+                       SINGLE_VIEW, len(data.test_images), 0)
     from .feed import default_workers
     from .protocols import evaluate_tree
 
@@ -469,19 +460,27 @@ def _eval_one(args: argparse.Namespace, trained, data, *, logits=None,  # noqa: 
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} bad image(s) (--skip-bad-images): "
               + "; ".join(r["skipped"][:3]), file=sys.stderr)
-    return {"top1_error": r["top1_error"], "top5_error": r["top5_error"],
-            "test_loss": r["loss"], "protocol": r["protocol"], "model": spec.model,
-            "images": r["images"], "precision": shown, "skipped": len(r["skipped"])}
+    return _record(spec.model, shown, r["top1_error"], r["top5_error"], r["loss"],
+                   r["protocol"], r["images"], len(r["skipped"]))
+
+
+SINGLE_VIEW = "single view"  # images held in memory are tested as they are (Sec. 4.2)
+
+
+def _record(model: str, precision: str, error: float, top5: float | None, loss: float,
+            protocol: str, images: int, skipped: int) -> dict:
+    """`reslab eval`'s record, the same keys for every data source (the names metrics.jsonl
+    uses): test_error is the top-1 error; test_top5_error None for 5 classes or fewer."""
+    return {"test_error": error, "test_top5_error": top5, "test_loss": loss,
+            "protocol": protocol, "images": images, "skipped": skipped, "model": model,
+            "precision": precision}
 
 
 def _error_line(r: dict) -> str:
-    if "test_error" in r:
-        return (f"test error {100 * r['test_error']:.2f}%, test loss {r['test_loss']:.4f} "
-                f"({r['images']} images, {r['precision']})")
-    top5 = "n/a (5 classes or fewer)" if r["top5_error"] is None else \
-        f"{100 * r['top5_error']:.2f}%"
-    return (f"top-1 error {100 * r['top1_error']:.2f}%, top-5 error {top5} "
-            f"({r['images']} images, {r['precision']})")
+    top5 = "n/a (5 classes or fewer)" if r["test_top5_error"] is None else \
+        f"{100 * r['test_top5_error']:.2f}%"
+    return (f"test error {100 * r['test_error']:.2f}%, top-5 error {top5}, test loss "
+            f"{r['test_loss']:.4f} ({r['images']} images, {r['precision']})")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -65,6 +65,15 @@ def error_and_loss(logits: torch.Tensor, labels: torch.Tensor, *, batch_size: in
     return wrong / n, loss_sum / n
 
 
+def top5_error(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """The fraction whose label is not among the 5 highest logits; None for 5 classes or fewer,
+    where every label is (as protocols.evaluate_tree reports it)."""
+    if logits.shape[1] <= 5:
+        return None
+    top5 = logits.topk(5, dim=1).indices
+    return 1 - (top5 == labels.to(logits.device)[:, None]).any(1).float().mean().item()
+
+
 @torch.no_grad()
 def layer_responses(
     model: nn.Module,

@@ -63,6 +63,29 @@ def resolve_source(source: str | Path) -> Path:
     return path.resolve()
 
 
+def source_layout(spec: RunSpec) -> tuple[RunSpec, str | None]:
+    """The spec with the layout its source's weights were trained in, and a note saying so:
+    torchvision's bottleneck ResNets put the stride on the 3x3 (v1.5), so a bottleneck net
+    initialised from a torch state dict, its layout not given, is built that way (the shapes
+    match either way: read into v1, they would compute another function without a word)."""
+    from .models import IMAGENET_STAGES, model_family
+
+    if spec.init_from is None or spec.layout is not None or \
+            model_family(spec.model) != "imagenet":
+        return spec, None
+    depth = int("".join(c for c in spec.model if c.isdigit()) or 0)
+    if IMAGENET_STAGES.get(depth, ("",))[0] != "bottleneck":
+        return spec, None
+    try:
+        source = resolve_source(spec.init_from)
+    except ValueError:  # gone: a resume's checkpoint holds the weights, its spec the layout
+        return spec, None
+    if source.suffix not in TORCH_SUFFIXES:
+        return spec, None
+    return (replace(spec, layout="v1.5"),
+            f"note: {source.name} is read as a torchvision state dict: layout v1.5")
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of the file's bytes."""
     h = hashlib.sha256()

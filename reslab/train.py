@@ -42,7 +42,7 @@ from .distributed import (
     world_from_env,
 )
 from .feed import BadImage, MemoryFeed, make_feed
-from .finetune import fit_to_data
+from .finetune import fit_to_data, source_layout
 from .models import (
     build_model,
     default_shortcut,
@@ -175,6 +175,7 @@ def train(
     model, folder, data and any checkpoint all checked), so a failed start leaves the folder as
     it was and the corrected call just works."""
     o, folder, world = options, RunFolder(run_dir), world_from_env()
+    layout_note = source_layout(spec)[1]
     dev, spec, extends = check_start(spec, folder.path, o)
     dev, recipe = rank_device(world, dev), spec.recipe
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
@@ -239,6 +240,8 @@ def train(
             raise RunFolderError(f"{folder.path} has no checkpoint of its last iteration "
                                  f"({extends}) to extend it from; use a new --out")
         env = {}
+        if main and layout_note:
+            print(layout_note, file=sys.stderr)
         if main:
             env = folder.start(spec_dict, {**environment(dev), "world_size": world.size,
                                            "sync_bn": o.sync_bn}, extends=extends)
@@ -381,6 +384,7 @@ def check_start(spec: RunSpec, run_dir: Path, options: TrainOptions, *, compare:
     spec = replace(spec, recipe=replace(spec.recipe, precision=resolve_precision(
         spec.recipe.precision, dev)))
     model_family(spec.model)
+    spec = source_layout(spec)[0]
     folder = RunFolder(run_dir)
     check_model_options(spec, resumable=bool(list_checkpoints(folder.path)))
     if not compare:

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import make_dataset, write_image_folder
 from reslab.cli import main
 from reslab.ensemble import Ensemble, EnsembleError, ensemble
-from reslab.evaluate import evaluate
+from reslab.evaluate import evaluate, top5_error
 from reslab.train import load_trained
 
 
@@ -127,10 +127,10 @@ def test_an_ensemble_of_streamed_runs_takes_every_protocol(tmp_path, capsys):
     for protocol in ("centre", "10-crop"):
         out = _eval(capsys, *members, "--data", tree, "--protocol", protocol, "--workers", "0")
         assert out["protocol"] == protocol and len(out["members"]) == 2
-        assert "top5_error" in out and all("top1_error" in m for m in out["members"])
+        assert "test_top5_error" in out and all("test_error" in m for m in out["members"])
         copies = _eval(capsys, members[0], members[0], "--data", tree, "--protocol", protocol,
                        "--workers", "0")
-        assert copies["top1_error"] == copies["members"][0]["top1_error"]
+        assert copies["test_error"] == copies["members"][0]["test_error"]
 
 
 def test_predict_with_several_runs_averages_their_softmax_scores(runs, tmp_path, capsys):
@@ -160,3 +160,10 @@ def test_predict_with_several_runs_averages_their_softmax_scores(runs, tmp_path,
     capsys.readouterr()
     assert main(["predict", str(r0), str(onnx), str(image)]) == 2
     assert "an ensemble takes run folders" in capsys.readouterr().err
+
+
+def test_top5_error_by_hand():
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    labels = torch.tensor([5, 0, 4])  # out of the top 5, out, in
+    assert top5_error(logits, labels) == pytest.approx(2 / 3)
+    assert top5_error(logits[:, :5], torch.tensor([0, 0, 0])) is None  # 5 classes: no top-5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from reslab.checkpoint import load_weights, save_weights
 from reslab.cli import main
 from reslab.data import load_dataset
 from reslab.finetune import file_digest, initialise, load_source
-from reslab.train import RunSpec, _initialise
+from reslab.recipes import RECIPES
+from reslab.train import RunSpec, TrainOptions, _initialise, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_RUN = ROOT / "results/fashion-mnist/make-run"  # `make run`'s ResNet-20 on Fashion-MNIST
@@ -199,6 +201,12 @@ def test_torchvision_bottleneck_weights_read_as_v1_5(tmp_path, capsys):
     assert code == 0, captured.err
     assert "read as a torchvision state dict: layout v1.5" in captured.err
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["layout"] == "v1.5"
+    # From Python, the same rule (issue 37: the library owns it, not the CLI).
+    spec = RunSpec(model="resnet50", data=str(photos), init_from=str(path), recipe=replace(
+        RECIPES["finetune"], augmentation="scale", iterations=1, batch_size=2))
+    train(spec, tmp_path / "python", options=TrainOptions(workers=0, tensorboard=False))
+    assert "read as a torchvision state dict: layout v1.5" in capsys.readouterr().err
+    assert json.loads((tmp_path / "python" / "recipe.json").read_text())["layout"] == "v1.5"
 
 
 def test_a_fine_tune_resumes_once_its_source_is_moved_or_copied(three_classes, tmp_path, capsys,

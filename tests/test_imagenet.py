@@ -100,8 +100,9 @@ def test_a_tree_that_cannot_be_trained_on_is_refused_by_name(tree, tmp_path):
     shutil.copytree(tree, bad)
     (bad / "val" / "dog").mkdir()
     Image.new("RGB", (80, 80)).save(bad / "val" / "dog" / "0.jpg")
-    with pytest.raises(DataError, match=r"val's classes differ from .*train's \(only in val/: "
-                       r"dog\)"):
+    # One class rule for both regimes (issue 37): a test class must be a training class.
+    with pytest.raises(DataError, match=f"class folder {bad / 'val' / 'dog'} has no counterpart "
+                       f"in {bad / 'train'}; test classes must be training classes"):
         open_tree(bad)
     shutil.rmtree(bad / "val" / "dog")
     (bad / "train" / "bee" / "notes.txt").write_text("x")
@@ -110,6 +111,23 @@ def test_a_tree_that_cannot_be_trained_on_is_refused_by_name(tree, tmp_path):
         p.unlink()
     with pytest.raises(DataError, match=f"class folder {bad / 'train' / 'ant'} holds no images"):
         open_tree(bad)
+
+
+def test_both_regimes_read_a_folder_alike(tmp_path):
+    """One scanner (issue 37): with test/ and val/ both present, both regimes test on test/;
+    a test split without some training class is accepted by both, with train/'s labels."""
+    root = tmp_path / "both"
+    for split, names, n in (("train", CLASSES, 2), ("test", CLASSES[1:], 3), ("val", CLASSES, 5)):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(root / split / name / f"{i}.png")
+    memory, tree = open_data(str(root)), open_data(str(root), loader="stream")
+    assert isinstance(memory, Dataset) and isinstance(tree, ImageTree)
+    assert len(memory.test_labels) == len(tree.test) == 3 * (len(CLASSES) - 1)
+    assert memory.classes == tree.classes == tuple(CLASSES)
+    assert memory.test_labels.tolist() == [label for _, label in tree.test]
+    assert all(Path(f).parent.parent.name == "test" for f, _ in tree.test)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "I;16"])
@@ -481,7 +499,10 @@ def test_reslab_eval_protocols_and_data_check_from_the_command_line(tree, tmp_pa
                      "--workers", "0"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["protocol"] == protocol and out["images"] == 6
-        assert out["top5_error"] is None  # 3 classes: no top-5 error to report (issue 38)
+        assert out["test_top5_error"] is None  # 3 classes: no top-5 error (issue 38)
+        # One record for every data source (issue 37): the keys of an in-memory eval.
+        assert set(out) == {"test_error", "test_top5_error", "test_loss", "protocol", "images",
+                            "skipped", "model", "precision", "data"}
     assert main(["data", "check", str(tree), "--workers", "1"]) == 0
     broken = tmp_path / "broken"
     photo_tree(broken, train=2, val=1)

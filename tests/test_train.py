@@ -128,6 +128,10 @@ def test_tiny_end_to_end_run_folder_and_eval(tmp_path, tiny_data, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["test_error"] == evals[-1]["test_error"]
     assert out["precision"] == spec.recipe.precision
+    # One record for every data source (issue 37): a streamed folder's keys (test_imagenet.py).
+    assert set(out) == {"test_error", "test_top5_error", "test_loss", "protocol", "images",
+                        "skipped", "model", "precision", "data"}
+    assert (out["protocol"], out["test_top5_error"], out["skipped"]) == ("single view", None, 0)
     other = "fp32" if spec.recipe.precision == "bf16" else "bf16"
     assert main(["eval", str(run), "--data", str(folder), "--json", "--precision", other]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +126,29 @@ def _decode_split(
     return arrays, labels, skipped
 
 
-def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
-    train, test = _splits(root, ("test", "val"))
+# The test split of a folder: test/, else val/. One rule for both regimes (held in memory here,
+# streamed by tree.py), which both scan with scan_folder.
+TEST_SPLITS = ("test", "val")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A folder's files, not decoded: (path, label) per image of train/ and of the test split,
+    the class names (train/'s folders, sorted; label i is classes[i]), the other files."""
+
+    train_dir: Path
+    test_dir: Path
+    classes: list[str]
+    train: list[tuple[Path, int]]
+    test: list[tuple[Path, int]]
+    ignored: list[Path]
+
+
+def scan_folder(root: Path) -> Scan:
+    """Scan an ImageFolder tree: a clear error naming the folder when it cannot be trained on
+    (no train/, no test/ or val/, no class folders, a class folder without images, a test class
+    that is not a training class). The test split may lack some training classes."""
+    train, test = _splits(Path(root).expanduser(), TEST_SPLITS)
     classes, test_names = _class_folders(train), _class_folders(test)
     for split, names in ((train, classes), (test, test_names)):
         if not names:
@@ -135,9 +157,15 @@ def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
         raise DataError(f"class folder {test / unknown[0]} has no counterpart in {train}; "
                         "test classes must be training classes")
     ignored: list[Path] = []
-    splits = {train: _list_images(train, classes, classes, ignored),
-              test: _list_images(test, test_names, classes, ignored)}
-    ignored_files = tuple(str(p) for p in ignored)
+    return Scan(train, test, classes, _list_images(train, classes, classes, ignored),
+                _list_images(test, test_names, classes, ignored), ignored)
+
+
+def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
+    scan = scan_folder(root)
+    train, test, classes = scan.train_dir, scan.test_dir, scan.classes
+    splits = {train: scan.train, test: scan.test}
+    ignored_files = tuple(str(p) for p in scan.ignored)
 
     # Keyed by every file's relative path, size and mtime: any change means decoding again.
     key = hashlib.sha256(f"{_CACHE_VERSION} {skip_bad_images}\n".encode())

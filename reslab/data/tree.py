@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .dataset import DataError
-from .folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _class_folders, _deep_grey, _listed, _splits
+from .folder import _BAD_IMAGE, _deep_grey, scan_folder
 from .workers import DieWithParent, check_workers, max_workers
 
 # Larger than any photograph; a file claiming more pixels is a decompression bomb (PIL's own
@@ -47,39 +47,13 @@ class ImageTree:
 
 
 def open_tree(root: Path) -> ImageTree:
-    """Scan `root` (no decoding): a clear error for a tree that cannot be trained on, naming the
-    folder: no train/ or val/, a class folder without images, val/ classes that differ from
-    train/'s."""
-    root = Path(root).expanduser()
-    train, test = _splits(root, ("val", "test"))
-    classes, test_names = _class_folders(train), _class_folders(test)
-    if not classes:
-        raise DataError(f"{train} has no class subfolders; put each class's images in its own")
-    if test_names != classes:
-        extra = sorted(set(test_names) - set(classes))
-        missing = sorted(set(classes) - set(test_names))
-        raise DataError(
-            f"{test}'s classes differ from {train}'s ("
-            + "; ".join(filter(None, [extra and f"only in {test.name}/: {', '.join(extra[:3])}",
-                                      missing and f"only in train/: {', '.join(missing[:3])}"]))
-            + "); both need the same class folders"
-        )
-    ignored: list[str] = []
-    splits = []
-    for split in (train, test):
-        items = []
-        for label, name in enumerate(classes):
-            files = []
-            for p in sorted((split / name).rglob("*")):
-                if not _listed(p, split):
-                    continue
-                (files if p.suffix.lower() in _IMAGE_SUFFIXES else ignored).append(str(p))
-            if not files:
-                raise DataError(f"class folder {split / name} holds no images "
-                                f"({'/'.join(_IMAGE_SUFFIXES)}); add images or remove the folder")
-            items += [(f, label) for f in files]
-        splits.append(tuple(items))
-    return ImageTree(str(root.resolve()), tuple(classes), splits[0], splits[1], tuple(ignored))
+    """Scan `root` (no decoding) with folder.scan_folder, the in-memory reader's scanner: the
+    same test split, class rule and errors in both regimes."""
+    scan = scan_folder(root)
+    return ImageTree(str(Path(root).expanduser().resolve()), tuple(scan.classes),
+                     tuple((str(p), label) for p, label in scan.train),
+                     tuple((str(p), label) for p, label in scan.test),
+                     tuple(str(p) for p in scan.ignored))
 
 
 def hold_out_tree(tree: ImageTree, n: int, seed: int) -> ImageTree:
