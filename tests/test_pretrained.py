@@ -24,8 +24,9 @@ from reslab.cli import _finetune_fields, main
 from reslab.data import normalize
 from reslab.data.cifar10_jpeg import CIFAR10_CLASSES, cifar10_jpeg_folder
 from reslab.data.folder import _decode_image
-from reslab.finetune import initialise, load_source
+from reslab.finetune import initialise, load_source, source_layout
 from reslab.models import build_model, list_models
+from reslab.runfolder import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 R56 = "resnet56.cifar10jpeg_16k"
@@ -243,8 +244,10 @@ def test_init_from_torchvision_name_finds_the_cached_file_and_the_first_forward_
                            init_from=TV)
     fields = _finetune_fields(args)
     cached = torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
-    assert fields["init_from"] == str(cached) and fields["layout"] == "v1.5"
-    model = build_model("resnet50", layout=fields["layout"])
+    assert fields["init_from"] == str(cached)
+    spec, note = source_layout(RunSpec(model="resnet50", init_from=fields["init_from"]))
+    assert spec.layout == "v1.5" and note.endswith("layout v1.5")  # the library's rule
+    model = build_model("resnet50", layout=spec.layout)
     assert initialise(model, load_source(cached), cached) == []
     _, x = _photo(tmp_path)
     with torch.no_grad():

@@ -347,9 +347,12 @@ def _table6_64k(tmp_path: Path, n: int, **env: str) -> tuple[str, Path]:
     return (out / "log.txt").read_text(), seed
 
 
+@pytest.mark.slow
 def test_h200_table6_64k_tiny_run_packs_and_reuses(tmp_path):
     """The whole script on the CPU at a tiny schedule: data, probe, a lane, the pack (weights,
-    no checkpoints); a second call given the packed folder (SEED_RUNS) trains nothing."""
+    no checkpoints); a second call given the packed folder (SEED_RUNS) trains nothing. Slow
+    (~1.5 min here: the data, a probe and a lane for a script the GPU alone runs; its commands
+    are checked against the parser by test_h200_table6_64k_dry_run in the default suite)."""
     log, seed = _table6_64k(tmp_path, 1, ITERATIONS="12", LIMIT="200")
     probe = json.loads((tmp_path / "out1/probe.json").read_text())
     assert probe["nets"]["resnet8"]["left"] == 12 and probe["nets"]["resnet8"]["s_per_step"] > 0
