@@ -245,7 +245,8 @@ def test_init_from_torchvision_name_finds_the_cached_file_and_the_first_forward_
     fields = _finetune_fields(args)
     cached = torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     assert fields["init_from"] == str(cached)
-    spec, note = source_layout(RunSpec(model="resnet50", init_from=fields["init_from"]))
+    spec, note = source_layout(RunSpec(model="resnet50", data="photos",
+                                           init_from=fields["init_from"]))
     assert spec.layout == "v1.5" and note.endswith("layout v1.5")  # the library's rule
     model = build_model("resnet50", layout=spec.layout)
     assert initialise(model, load_source(cached), cached) == []
