@@ -128,6 +128,16 @@ def test_both_regimes_read_a_folder_alike(tmp_path):
     assert memory.classes == tree.classes == tuple(CLASSES)
     assert memory.test_labels.tolist() == [label for _, label in tree.test]
     assert all(Path(f).parent.parent.name == "test" for f, _ in tree.test)
+    # One hold-out (Sec. 4.2's validation split): the same images held out in both regimes.
+    memory, tree = open_data(str(root), val_split=2, seed=3), open_data(
+        str(root), val_split=2, seed=3, loader="stream")
+    assert memory.val_labels.tolist() == [label for _, label in tree.val]
+    assert memory.train_labels.tolist() == [label for _, label in tree.train]
+    held = [int(Path(f).stem) for f, _ in tree.val]  # image i of a class has red value i
+    assert memory.val_images[:, 0, 0, 0].tolist() == held
+    for loader in ("memory", "stream"):
+        with pytest.raises(DataError, match="--val-split -1 is negative"):
+            open_data(str(root), val_split=-1, loader=loader)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "I;16"])

@@ -17,6 +17,18 @@ class DataError(ValueError):
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "cifar10-jpeg")
 
 
+def hold_out(total: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sec. 4.2's validation split ("determined on a 45k/5k train/val split"), one rule for both
+    regimes: (training, held-out) indices of `total` training images, `n` held out, drawn by
+    `seed`; each sorted, so the files keep their order."""
+    if n < 0:
+        raise DataError(f"--val-split {n} is negative; use 0 (no validation set) or more")
+    if n >= total:
+        raise DataError(f"--val-split {n} leaves no training images (there are {total}); use fewer")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return perm[n:].sort().values, perm[:n].sort().values
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A whole classification dataset in memory: images uint8 (N, C, H, W), labels int64 (N,)."""

@@ -6,11 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from .cifar import _CIFAR, _load_cifar
 from .cifar10_jpeg import _load_cifar10_jpeg
-from .dataset import DATASETS, DataError, Dataset
+from .dataset import DATASETS, DataError, Dataset, hold_out
 from .folder import _MAX_SIDE, _load_image_folder
 from .idx import _IDX, _load_idx_dataset
 from .tree import ImageTree, hold_out_tree, open_tree
@@ -46,12 +44,7 @@ def load_dataset(
 
 
 def _hold_out(dataset: Dataset, n: int, seed: int) -> Dataset:
-    # Sec. 4.2: the schedule "is determined on a 45k/5k train/val split"; the seed picks the 5k.
-    total = len(dataset.train_labels)
-    if n >= total:
-        raise DataError(f"--val-split {n} leaves no training images (there are {total}); use fewer")
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    val, train = perm[:n].sort().values, perm[n:].sort().values  # sorted: keep the file order
+    train, val = hold_out(len(dataset.train_labels), n, seed)
     return replace(
         dataset,
         train_images=dataset.train_images[train].contiguous(),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import DataError
+from .dataset import DataError, hold_out
 from .folder import _BAD_IMAGE, _deep_grey, scan_folder
 from .workers import DieWithParent, check_workers, max_workers
 
@@ -57,16 +57,12 @@ def open_tree(root: Path) -> ImageTree:
 
 
 def hold_out_tree(tree: ImageTree, n: int, seed: int) -> ImageTree:
-    """Sec. 4.2's validation hold-out for a tree: `n` training images, drawn by `seed`."""
+    """Sec. 4.2's validation hold-out for a tree (dataset.hold_out, as in memory)."""
     from dataclasses import replace
 
-    if n >= len(tree.train):
-        raise DataError(f"--val-split {n} leaves no training images (there are "
-                        f"{len(tree.train)}); use fewer")
-    perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(seed))
-    val, train = sorted(perm[:n].tolist()), sorted(perm[n:].tolist())
-    return replace(tree, train=tuple(tree.train[i] for i in train),
-                   val=tuple(tree.train[i] for i in val))
+    train, val = hold_out(len(tree.train), n, seed)
+    return replace(tree, train=tuple(tree.train[i] for i in train.tolist()),
+                   val=tuple(tree.train[i] for i in val.tolist()))
 
 
 def _decode_jpeg(data: bytes) -> torch.Tensor | None:
