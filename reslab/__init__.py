@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .trained import Trained, load_trained
 
 __all__ = ["StageBackbone", "Trained", "build_model", "list_models", "list_pretrained",
-           "load_pretrained", "load_trained", "open_predictor"]
+           "load_pretrained", "load_trained", "open_predictor", "train"]
 __version__ = "0.1.0"
 _HOMES = {"build_model": "models", "list_models": "models", "Trained": "trained",
           "load_trained": "trained", "StageBackbone": "backbone", "open_predictor": "predict",
@@ -24,8 +24,10 @@ _HOMES = {"build_model": "models", "list_models": "models", "Trained": "trained"
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'reslab' has no attribute {name!r}")
     from importlib import import_module
 
+    if name == "train":  # reslab.train(model, *, data, out, **options): the module, callable
+        return import_module(".train", __name__)
+    if name not in _HOMES:
+        raise AttributeError(f"module 'reslab' has no attribute {name!r}")
     return getattr(import_module(f".{_HOMES[name]}", __name__), name)

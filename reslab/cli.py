@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .recipes import Recipe
 
@@ -32,11 +32,19 @@ class UsageError(Exception):
     """A bad value from the command line or the user's files: exit 2."""
 
 
+class ArgumentError(ValueError):
+    """A value the parser refuses: exit 2 from the command line, this exception from Python."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse's errors in one line (its usage block is for --help), exit 2."""
+    """argparse's errors in one line (its usage block is for --help), exit 2 (main)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise ArgumentError(self.prog, message)
 
 
 def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], float | int]:
@@ -223,12 +231,60 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import world_from_env
+    from .train import NonFiniteLoss, TrainingStopped
+
+    main = world_from_env().main  # under torchrun, rank 0 speaks for the run
+    try:
+        summary = _train(args)
+    except TrainingStopped as e:
+        if main:
+            print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
+                  f"same command: {_this_command()}", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLoss as e:
+        return _fail("reslab train", str(e))
+    if not main:
+        return 0
+    print(f"final test error {100 * summary['final_test_error']:.2f}% "
+          f"(train error {100 * summary['final_train_error']:.2f}%) after "
+          f"{summary['iterations']} iterations; run folder {args.out}")
+    return 0
+
+
+def train_run(model: str, *, data: str | Path, out: str | Path, **options: Any) -> Path:
+    """`reslab train MODEL --data DATA --out OUT --option value ...` from Python (reslab.train):
+    the CLI's long option names as keywords (iterations=500, init_from="w.pth", sync_bn=True),
+    parsed and checked by the CLI's own parser, its errors raised (ArgumentError, UsageError,
+    the library's ValueErrors) instead of exit codes. Returns the run folder."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices["train"]._actions if a.option_strings}
+    argv = ["train", model, "--data", str(data), "--out", str(out)]
+    for key, value in options.items():
+        action = actions.get(key)
+        if action is None or key in ("data", "out", "help"):
+            raise TypeError(f"reslab.train() got an unexpected keyword argument {key!r}; the "
+                            "options are " + ", ".join(sorted(set(actions) - {"data", "out",
+                                                                               "help"})))
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:  # a switch: True gives it, False leaves it out
+            argv += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    _train(parser.parse_args(argv))
+    return Path(out)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    """The run of `reslab train`'s arguments: its summary, or the error that stopped it."""
     from dataclasses import replace
 
     from .data import ImageTree, open_data
-    from .distributed import world_from_env
     from .recipes import get_recipe
-    from .train import NonFiniteLoss, RunSpec, TrainingStopped, check_start, train
+    from .train import RunSpec, check_start, train
 
     recipe = get_recipe(args.recipe)
     overrides = {
@@ -266,22 +322,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         n_train = len(data.train) if isinstance(data, ImageTree) else len(data.train_images)
         spec = replace(spec, recipe=recipe.with_epochs(args.epochs, n_train))
-    main = world_from_env().main  # under torchrun, rank 0 speaks for the run
-    try:
-        summary = train(spec, args.out, data=data, options=options)
-    except TrainingStopped as e:
-        if main:
-            print(f"stopped after iteration {e.step} ({e.checkpoint.name} saved). Resume with the "
-                  f"same command: {_this_command()}", file=sys.stderr)
-        return 128 + e.signum
-    except NonFiniteLoss as e:
-        return _fail("reslab train", str(e))
-    if not main:
-        return 0
-    print(f"final test error {100 * summary['final_test_error']:.2f}% "
-          f"(train error {100 * summary['final_train_error']:.2f}%) after "
-          f"{summary['iterations']} iterations; run folder {args.out}")
-    return 0
+    return train(spec, args.out, data=data, options=options)
 
 
 def _finetune_fields(args: argparse.Namespace) -> dict:
@@ -1051,8 +1092,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
         return code
-    except SystemExit as e:  # argparse: 2 for usage errors (one line, _Parser), 0 for --help
+    except SystemExit as e:  # argparse: 0 for --help
         return e.code if isinstance(e.code, int) else 2
+    except ArgumentError as e:  # one line, as "reslab train: error: ..."
+        return _fail(e.prog, str(e))
     except (UsageError, ValueError) as e:
         return _fail(command, str(e))
     except BrokenPipeError:

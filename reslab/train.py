@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -544,3 +545,18 @@ def _summary(spec: RunSpec, model: torch.nn.Module, folder: RunFolder, env: dict
     if "val_error" in final:
         summary["final_val_error"] = final["val_error"]
     return summary
+
+
+class _PublicTrain(types.ModuleType):
+    """`reslab.train(model, *, data, out, **options)`, the public API's training call (cli.
+    train_run), is this module called: importing reslab.train (as the package itself does) makes
+    the package's `train` attribute this module, so the module is what answers the call."""
+
+    def __call__(self, model: str, *, data: str | Path, out: str | Path,
+                 **options: Any) -> Path:
+        from .cli import train_run
+
+        return train_run(model, data=data, out=out, **options)
+
+
+sys.modules[__name__].__class__ = _PublicTrain

@@ -23,7 +23,7 @@ from torch import nn
 
 from conftest import make_dataset
 from reslab import build_model
-from reslab.cli import build_parser
+from reslab.cli import ArgumentError, build_parser
 from reslab.data import DATASETS
 from reslab.models import model_family
 
@@ -224,8 +224,8 @@ def dry_run(rel: str, tmp_path: Path, cores: int | None = None, **env: str) -> l
         try:
             with mock.patch("os.cpu_count", return_value=cores or os.cpu_count()):
                 args = parser.parse_args(argv)
-        except SystemExit:
-            pytest.fail(f"scripts/{rel}: reslab cannot parse: {shlex.join(argv)}")
+        except (SystemExit, ArgumentError) as e:
+            pytest.fail(f"scripts/{rel}: reslab cannot parse: {shlex.join(argv)} ({e})")
         if getattr(args, "data", None) is not None:  # a known name, or bench photos' folder
             assert args.data in DATASETS or (args.command, args.mode) == ("bench", "photos"), argv
         if args.command in ("train", "bench"):

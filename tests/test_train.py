@@ -219,6 +219,31 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # more in tests/test_cli_errors.py
 
 
+def test_reslab_train_from_python_is_the_command(tmp_path, capsys):
+    """reslab.train(model, *, data, out, **options) (issue 37, DESIGN's contract): the CLI's
+    long option names as keywords, the same run bit for bit, the CLI's errors raised."""
+    import reslab
+
+    folder = write_image_folder(tmp_path / "imgs", make_dataset(n_train=64, n_test=16))
+    options = ["--iterations", "4", "--batch-size", "16", "--deterministic", "--no-progress"]
+    assert main(["train", "resnet8", "--data", str(folder), "--out", str(tmp_path / "cli"),
+                 *options]) == 0
+    for attempt in ("python", "again"):  # the second call: reslab.train is still callable
+        out = reslab.train("resnet8", data=folder, out=tmp_path / attempt, iterations=4,
+                           batch_size=16, deterministic=True, no_progress=True, sync_bn=False)
+        assert out == tmp_path / attempt
+        assert (out / "model.safetensors").read_bytes() == \
+            (tmp_path / "cli" / "model.safetensors").read_bytes()
+        assert (out / "metrics.jsonl").read_text() == (tmp_path / "cli/metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"argument --iterations: must be >= 1 \(got 0\)"):
+        reslab.train("resnet8", data=folder, out=tmp_path / "bad", iterations=0)
+    with pytest.raises(ValueError, match=r"depth 7 of 'resnet7' is not 6n\+2"):
+        reslab.train("resnet7", data=folder, out=tmp_path / "bad")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'iteration'.*iterations"):
+        reslab.train("resnet8", data=folder, out=tmp_path / "bad", iteration=4)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_real_fashion_mnist_smoke(tmp_path):
     """A few hundred iterations of the real recipe on real data (the main job, shortened)."""
     run = tmp_path / "run"
