@@ -158,9 +158,16 @@ OFF_GRID = [*TRAIN[:TRAIN.index("--log-every") + 1], "3",
             *TRAIN[TRAIN.index("--log-every") + 2:]]
 
 
-def test_sigterm_and_kill_9_under_max_restarts_end_bitwise_equal(folder, tmp_path):
-    ref, cut, killed = tmp_path / "ref", tmp_path / "cut", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def off_grid_ref(folder, tmp_path_factory):
+    """An uninterrupted 2-rank run of OFF_GRID: what every interrupted one must end as."""
+    ref = tmp_path_factory.mktemp("off-grid") / "ref"
     torchrun(*OFF_GRID, "--data", str(folder), "--out", str(ref))
+    return ref
+
+
+def test_sigterm_and_kill_9_under_max_restarts_end_bitwise_equal(folder, off_grid_ref, tmp_path):
+    ref, cut, killed = off_grid_ref, tmp_path / "cut", tmp_path / "killed"
     # SIGTERM to the launcher: every rank stops after the same step, one checkpoint, exit 143.
     proc = torchrun(*OFF_GRID, "--data", str(folder), "--out", str(cut), wait=False)
     _wait_for(cut, 20, proc)
@@ -187,12 +194,11 @@ def test_sigterm_and_kill_9_under_max_restarts_end_bitwise_equal(folder, tmp_pat
         assert _records(run) == _records(ref), run  # --deterministic: no times to differ
 
 
-def test_two_agents_on_localhost_train_what_one_agent_with_two_processes_trains(folder,
-                                                                                tmp_path):
+def test_two_agents_on_localhost_train_what_one_agent_with_two_processes_trains(
+        folder, off_grid_ref, tmp_path):
     """And a worker killed with kill -9 under --max-restarts 1 costs one restart: the agents
     count their restarts apart, so the restarted group cannot be named by either's count."""
-    one, two = tmp_path / "one-agent", tmp_path / "two-agents"
-    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(one))
+    one, two = off_grid_ref, tmp_path / "two-agents"
     port = _port()
     agents = [torchrun(*OFF_GRID, "--data", str(folder), "--out", str(two), nproc=1, wait=False,
                        extra=("--nnodes", "2", "--node-rank", str(n), "--rdzv-backend", "c10d",
@@ -209,12 +215,11 @@ def test_two_agents_on_localhost_train_what_one_agent_with_two_processes_trains(
     assert _records(two) == _records(one)
 
 
-def test_a_killed_agent_stops_its_workers_with_a_checkpoint(folder, tmp_path):
+def test_a_killed_agent_stops_its_workers_with_a_checkpoint(folder, off_grid_ref, tmp_path):
     """kill -9 of torchrun's agent: its workers get SIGTERM from the kernel and stop after the
     same step with a checkpoint, instead of training on unsupervised; the same command then
     ends as an uninterrupted run."""
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(ref))
+    ref, run = off_grid_ref, tmp_path / "run"
     proc = torchrun(*OFF_GRID, "--data", str(folder), "--out", str(run), wait=False)
     _wait_for(run, 20, proc)
     workers = [int(pid) for pid in
