@@ -437,35 +437,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _check_eval_data(args: argparse.Namespace, run: Path, trained, data) -> None:  # noqa: ANN001
-    """The data has the run's channels, classes (in order) and, for per-pixel means, size."""
+    """The data fits the run (trained.check_fits); --protocol only for streamed photographs."""
     from .data import ImageTree
+    from .trained import check_fits
 
-    model, mean, spec, names = trained.model, trained.mean, trained.spec, trained.classes
-    if data.in_channels != model.in_channels:
-        raise UsageError(f"{args.data} has {data.in_channels}-channel images but {run} takes "
-                         f"{model.in_channels}-channel ones")
-    outputs = model.fc.out_features  # the training data's classes, unless --num-classes was given
-    if data.num_classes > outputs or (spec.num_classes is None and data.num_classes != outputs):
-        raise UsageError(f"{args.data} has {data.num_classes} classes but {run} was trained "
-                         f"on {outputs}; evaluate it on data with the same classes")
-    # Equal counts are not enough: label i must mean what it meant in training.
-    if names is not None and (bad := next((i for i, name in enumerate(data.classes)
-                                           if i >= len(names) or names[i] != name), None)
-                              ) is not None:
-        there = repr(names[bad]) if bad < len(names) else "no class"
-        raise UsageError(f"{args.data}'s class {bad} is {data.classes[bad]!r} but {run} was "
-                         f"trained with {there} as class {bad}; its error there would be "
-                         "meaningless: evaluate on data with the training classes, in order")
-    if isinstance(data, ImageTree):
-        return
-    if args.protocol is not None:
+    check_fits(trained, data, run=str(run), data_name=args.data)
+    if args.protocol is not None and not isinstance(data, ImageTree):
         raise UsageError(f"--protocol {args.protocol} is for photographs streamed from an image "
                          f"folder; {args.data} is held in memory and tested on its single view "
                          "(Sec. 4.2)")
-    if mean.ndim == 3 and tuple(mean.shape[1:]) != data.image_size:
-        raise UsageError(f"{args.data} has {data.image_size[0]}x{data.image_size[1]} images but "
-                         f"{run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
-                         "mean); resize the images to the training size")
 
 
 def _eval_one(args: argparse.Namespace, trained, data, *, logits=None,  # noqa: ANN001

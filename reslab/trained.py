@@ -90,3 +90,30 @@ def load_trained(path: Path, device: str = "cpu") -> Trained:
     mean, std = mean.to(dev), (None if std is None else std.to(dev))
     return Trained(model, mean, std, spec, classes, input_size)
 
+
+def check_fits(trained: Trained, data, *, run: str, data_name: str) -> None:  # noqa: ANN001
+    """The data has the run's channels, classes (in order) and, for a per-pixel mean, its image
+    size; a ValueError naming both otherwise: an error measured there would be meaningless."""
+    from .data import ImageTree
+
+    model, mean, spec, names = trained.model, trained.mean, trained.spec, trained.classes
+    if data.in_channels != model.in_channels:
+        raise ValueError(f"{data_name} has {data.in_channels}-channel images but {run} takes "
+                         f"{model.in_channels}-channel ones")
+    outputs = model.fc.out_features  # the training data's classes, unless --num-classes was given
+    if data.num_classes > outputs or (spec.num_classes is None and data.num_classes != outputs):
+        raise ValueError(f"{data_name} has {data.num_classes} classes but {run} was trained "
+                         f"on {outputs}; evaluate it on data with the same classes")
+    # Equal counts are not enough: label i must mean what it meant in training.
+    if names is not None and (bad := next((i for i, name in enumerate(data.classes)
+                                           if i >= len(names) or names[i] != name), None)
+                              ) is not None:
+        there = repr(names[bad]) if bad < len(names) else "no class"
+        raise ValueError(f"{data_name}'s class {bad} is {data.classes[bad]!r} but {run} was "
+                         f"trained with {there} as class {bad}; its error there would be "
+                         "meaningless: evaluate on data with the training classes, in order")
+    if not isinstance(data, ImageTree) and mean.ndim == 3 and \
+            tuple(mean.shape[1:]) != data.image_size:
+        raise ValueError(f"{data_name} has {data.image_size[0]}x{data.image_size[1]} images but "
+                         f"{run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
+                         "mean); resize the images to the training size")
