@@ -244,8 +244,11 @@ def test_reslab_train_from_python_is_the_command(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist_smoke(tmp_path):
-    """A few hundred iterations of the real recipe on real data (the main job, shortened)."""
+    """A few hundred iterations of the real recipe on real data (the main job, shortened): an
+    accuracy gate, so `slow` (~40 s here); the default suite reads the real Fashion-MNIST in
+    test_predict.py and the real JPEG copy in test_pretrained.py."""
     run = tmp_path / "run"
     code = main(["train", "resnet8", "--data", "fashion-mnist", "--out", str(run),
                  "--iterations", "300", "--eval-every", "300", "--no-progress"])
@@ -258,11 +261,13 @@ def test_real_fashion_mnist_smoke(tmp_path):
 _NO_CIFAR10_JPEG = cifar10_jpeg_folder() is None and not os.environ.get("CI")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_NO_CIFAR10_JPEG, reason="no CIFAR-10 JPEG copy here: `make data "
-                    "CIFAR10_JPEG=PATH/cifar10-jpeg.tar.gz` extracts it (CI always runs this)")
+                    "CIFAR10_JPEG=PATH/cifar10-jpeg.tar.gz` extracts it (with CI set, it fails)")
 def test_real_cifar10_jpeg_smoke(tmp_path):
     """A few hundred iterations of the paper's recipe on the CIFAR-10 JPEG copy, then `reslab
-    eval` of the run: the data path (`--data cifar10-jpeg`) end to end; fails in CI if absent."""
+    eval` of the run: the data path (`--data cifar10-jpeg`) end to end; an accuracy gate, so
+    `slow` (~50 s here; the default suite reads the copy in test_pretrained.py)."""
     run = tmp_path / "run"
     code = main(["train", "resnet8", "--data", "cifar10-jpeg", "--out", str(run),
                  "--iterations", "300", "--eval-every", "300", "--no-progress"])
