@@ -137,30 +137,33 @@ def kernel_split(name: str, images: torch.Tensor, labels: torch.Tensor, *, devic
             "convolution_madds_per_s": 3 * multiply_adds * batch_size / conv}
 
 
+def _peaks(dev: torch.device) -> dict[str, Any]:
+    """The precision reslab trains in here, and the fp32 and bf16 matmul peaks: bf16's only
+    where it runs natively (emulated, one 2048^3 product alone takes about a minute and is no
+    peak of anything)."""
+    precision = resolve_precision("auto", dev)
+    return {"precision": precision,
+            "peak_fp32_madds_per_s": matmul_peak(torch.float32, device=str(dev)),
+            "peak_bf16_madds_per_s": matmul_peak(torch.bfloat16, device=str(dev))
+            if precision == "bf16" else None}
+
+
 def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size: int | None = None,
                 in_channels: int = 3, compile_model: bool = True,
                 ablation: bool = True, device: str = "cpu") -> dict[str, Any]:
     """reslab's default path vs the tutorial reference, peak fraction, step split, ablation."""
     info = describe(name, input_size=input_size, in_channels=in_channels)
-    size = info.input_size
     dev = torch.device(device)
-    images, labels = _images(max(4 * batch_size, 2048), in_channels, size)
-    # The peak of the precision reslab trains in here: bf16 only where it runs natively
-    # (emulated, one 2048^3 product alone takes about a minute and is no peak of anything).
-    precision = resolve_precision("auto", dev)
-    peak_fp32 = matmul_peak(torch.float32, device=device)
-    peak_bf16 = matmul_peak(torch.bfloat16, device=device) if precision == "bf16" else None
-    peak = peak_bf16 if precision == "bf16" else peak_fp32
+    images, labels = _images(max(4 * batch_size, 2048), in_channels, info.input_size)
+    peaks = _peaks(dev)
+    peak = peaks[f"peak_{peaks['precision']}_madds_per_s"]
     ref = Setup(device=device)
-    out: dict[str, Any] = {"model": name, "batch_size": batch_size, "input_size": size,
-                           "steps": steps, "threads": torch.get_num_threads(),
-                           "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                                      else "cpu"),
-                           "compile_mode": COMPILE_MODES.get(dev.type) if compile_model else None,
-                           "whole_step_cuda_graph": dev.type == "cuda",
-                           "multiply_adds_per_image": info.multiply_adds,
-                           "precision": precision, "peak_fp32_madds_per_s": peak_fp32,
-                           "peak_bf16_madds_per_s": peak_bf16}
+    out: dict[str, Any] = {
+        "model": name, "batch_size": batch_size, "input_size": info.input_size, "steps": steps,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "compile_mode": COMPILE_MODES.get(dev.type) if compile_model else None,
+        "whole_step_cuda_graph": dev.type == "cuda", "multiply_adds_per_image": info.multiply_adds,
+        "threads": torch.get_num_threads(), **peaks}
     # reslab's path is train()'s own step, so the benchmark cannot drift from training.
     ours = time_reslab(name, images, labels, device=device, batch_size=batch_size,
                        steps=steps, compile_model=compile_model)
@@ -185,7 +188,7 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     achieved = 3 * info.multiply_adds * out["model_only_images_per_second"]
     out["achieved_madds_per_s"] = achieved
     out["peak_fraction"] = achieved / peak
-    out["peak_fraction_fp32"] = achieved / peak_fp32
+    out["peak_fraction_fp32"] = achieved / peaks["peak_fp32_madds_per_s"]
     split = kernel_split(name, images, labels, device=device, compile_model=compile_model,
                          batch_size=batch_size, steps=max(steps // 2, 2),
                          multiply_adds=info.multiply_adds)

@@ -743,6 +743,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  best: {r['best_path']}, x{r['ratio']:.2f} eager fp32; BN folding max abs "
               f"error {r['folding_max_abs_error']:.1e}")
         return 0
+    _print_bench_train(r)
+    return 0
+
+
+def _print_bench_train(r: dict) -> None:
+    """`bench train`'s report, read off bench.bench_train's record."""
     print(f"  reslab end to end      {r['images_per_second']:>8.0f} img/s "
           f"(warm-up incl. compile {r['warmup_s']:.1f} s)")
     print(f"  tutorial end to end    {r['reference_images_per_second']:>8.0f} img/s   "
@@ -772,7 +778,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "ablation_threads" in r:
         gain = r["ablation_threads"]["gain"]
         print(f"  ablation threads {r['threads']} vs 1       x{gain:.2f}")
-    return 0
 
 
 def _human(n: int) -> str:
@@ -1117,10 +1122,13 @@ RANK_ERROR_DELAY = 5.0
 def _fail(command: str, message: str, code: int = 2) -> int:
     """The error in one line on stderr (under torchrun, once: see RANK_ERROR_DELAY)."""
     one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    if os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
-        import time
+    if os.environ.get("RANK", "0") != "0":  # torch is loaded on a rank: the import is free
+        from .distributed import under_torchrun
 
-        time.sleep(RANK_ERROR_DELAY)  # rank 0 met it too, unless this rank's own
+        if under_torchrun():
+            import time
+
+            time.sleep(RANK_ERROR_DELAY)  # rank 0 met it too, unless this rank's own
     print(f"{command}: error: {one_line}", file=sys.stderr)
     return code
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -34,6 +35,7 @@ from .data import BatchStream, DataError, Dataset, ImageTree, open_data
 from .data.workers import check_workers
 from .distributed import (
     RENDEZVOUS_TIMEOUT,
+    World,
     all_sum,
     broadcast,
     process_group,
@@ -176,7 +178,7 @@ def train(
     model, folder, data and any checkpoint all checked), so a failed start leaves the folder as
     it was and the corrected call just works."""
     o, folder, world = options, RunFolder(run_dir), world_from_env()
-    layout_note = source_layout(spec)[1]
+    spec, layout_note = source_layout(spec)  # check_start's own call is then a no-op
     dev, spec, extends = check_start(spec, folder.path, o)
     dev, recipe = rank_device(world, dev), spec.recipe
     spec_dict = json.loads(json.dumps(spec.as_dict()))  # as recipe.json will hold it
@@ -212,20 +214,9 @@ def train(
                          world=world)
         # Sec. 4.2 and 3.4: per-pixel mean subtraction, computed on the training split.
         mean, std = feed.stats() if source_norm is None else source_norm
-        torch.manual_seed(recipe.seed)  # He init is drawn from the seed
-        model = build_model(
-            spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
-            layout=spec.layout, layers_per_block=spec.layers_per_block,
-            zero_init_residual=spec.zero_init_residual,
-            gradient_checkpointing=o.gradient_checkpointing, input_size=size,
-        )
-        init_notes = _initialise(model, spec, resumable=bool(list_checkpoints(folder.path))
-                                 ) + init_notes
-        if o.sync_bn:
-            model = sync_batch_norm(model, dev)
-        if spec.freeze:  # after sync_batch_norm, which makes new BN modules on a CPU
-            model.freeze(spec.freeze)
-        model = model.to(dev).to(memory_format=MEMORY_FORMAT)
+        model, notes = _new_model(spec, in_channels, num_classes, size, o, dev,
+                                  resumable=bool(list_checkpoints(folder.path)))
+        init_notes = notes + init_notes
         optimizer = make_optimizer(model, recipe, dev)
         stream = BatchStream(feed.n_train, recipe.batch_size, recipe.seed)
         plateau = Plateau(recipe.plateau_patience)
@@ -253,7 +244,7 @@ def train(
             if state is None:
                 for note in init_notes:
                     print(note)
-            if state is not None:
+            else:
                 more = f", extended from {extends}" if extends is not None else ""
                 print(f"resuming {folder.path} from {path.name} (iteration {step}/"
                       f"{recipe.iterations}{more})")
@@ -330,19 +321,8 @@ def train(
                     raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
                                         f"{last_record + 1} and {step}; {_kept(folder)}")
                 if logging:
-                    train_loss, train_error = window.take(world)
-                    record: dict[str, Any] = {
-                        "step": step, "epoch": step * recipe.batch_size / feed.n_train,
-                        "lr": lr, "train_loss": train_loss, "train_error": train_error,
-                    }
-                    # The record's lr is its last iteration's: a warm-up shorter than one
-                    # record would otherwise leave no trace in the metrics.
-                    if window.warmup_over_at is not None:
-                        record["warmup_over_at"], window.warmup_over_at = \
-                            window.warmup_over_at, None
+                    record = _training_record(step, lr, window, feed, recipe, world)
                     last_record = step
-                    if feed.skipped:
-                        record["skipped_images"] = feed.skipped
                     if evaluating:
                         record.update(feed.evaluate(model, mean, std))
                         error = record.get("val_error", record["test_error"])
@@ -369,6 +349,43 @@ def train(
                 json.loads(json.dumps(spec.as_dict())), in_channels, num_classes, mean, std,
                 feed.classes, size), summary)
         return broadcast(world, summary, dev)
+
+
+def _new_model(spec: RunSpec, in_channels: int, num_classes: int, size: tuple[int, int],
+               o: TrainOptions, dev: torch.device, *, resumable: bool
+               ) -> tuple[nn.Module, list[str]]:
+    """The run's network, He-initialised from its seed (or from its fine-tune source), BN
+    synchronised and parts frozen as asked, on its device; and what initialising it noted."""
+    torch.manual_seed(spec.recipe.seed)  # He init is drawn from the seed
+    model = build_model(
+        spec.model, num_classes=num_classes, in_channels=in_channels, shortcut=spec.shortcut,
+        layout=spec.layout, layers_per_block=spec.layers_per_block,
+        zero_init_residual=spec.zero_init_residual,
+        gradient_checkpointing=o.gradient_checkpointing, input_size=size,
+    )
+    notes = _initialise(model, spec, resumable=resumable)
+    if o.sync_bn:
+        model = sync_batch_norm(model, dev)
+    if spec.freeze:  # after sync_batch_norm, which makes new BN modules on a CPU
+        model.freeze(spec.freeze)
+    return model.to(dev).to(memory_format=MEMORY_FORMAT), notes
+
+
+def _training_record(step: int, lr: float, window: Window, feed: Any, recipe: Recipe,
+                     world: World) -> dict[str, Any]:
+    """A metrics record's training part: the window closed at `step`, summed over the ranks."""
+    train_loss, train_error = window.take(world)
+    record: dict[str, Any] = {
+        "step": step, "epoch": step * recipe.batch_size / feed.n_train,
+        "lr": lr, "train_loss": train_loss, "train_error": train_error,
+    }
+    # The record's lr is its last iteration's: a warm-up shorter than one record would
+    # otherwise leave no trace in the metrics.
+    if window.warmup_over_at is not None:
+        record["warmup_over_at"], window.warmup_over_at = window.warmup_over_at, None
+    if feed.skipped:
+        record["skipped_images"] = feed.skipped
+    return record
 
 
 def check_start(spec: RunSpec, run_dir: Path, options: TrainOptions, *, compare: bool = True
