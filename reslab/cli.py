@@ -1051,12 +1051,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photos: loader processes (default: one per core, at most 8)")
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
     p.set_defaults(func=cmd_bench)
+    # Listed for --help only: main hands `reslab torchrun ...` to reslab.launch before parsing.
+    sub.add_parser("torchrun", add_help=False,
+                   help="torchrun [its options] COMMAND ...: torchrun -m reslab COMMAND, with "
+                   "reslab's exit statuses and a bounded wait (reslab torchrun --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line's entry point; every error a user can cause ends here as one line."""
     command = "reslab"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["torchrun"]:  # torchrun's own options: its parser reads them
+        from reslab.launch import torchrun
+        return torchrun(argv[1:])
     try:
         # Ctrl-C while torch and numpy import is deferred to after the imports: raised inside
         # an extension's import it can leave a half-imported module and a bug-like traceback.

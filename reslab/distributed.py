@@ -99,10 +99,9 @@ def launcher_command() -> list[str] | None:
                 Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]]
     except OSError:
         return None
-    if argv and Path(argv[0]).name == "torchrun":
-        return ["torchrun", *argv[1:]]
-    if len(argv) > 1 and Path(argv[1]).name == "torchrun":  # the console script, run by python
-        return ["torchrun", *argv[2:]]
+    for i, word in enumerate(argv[:3]):  # torchrun, a console script run by python, python -m
+        if Path(word).name in ("torchrun", "reslab"):  # reslab: `reslab torchrun` (launch.py)
+            return [Path(word).name, *argv[i + 1:]]
     return argv or None  # `python -m torch.distributed.run ...`, its interpreter's full path
 
 
@@ -152,7 +151,7 @@ def _c10d_quiet() -> Iterator[None]:
         os.close(saved)
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else "timed out"
 
 
@@ -182,7 +181,7 @@ def process_group(world: World, device: torch.device,
     except (TimeoutError, dist.DistError) as e:
         raise RendezvousError(
             f"rank {world.rank} of {world.size} did not meet the other ranks at {where} within "
-            f"{timeout:g} s ({_first_line(e)}); check that "
+            f"{timeout:g} s ({first_line(e)}); check that "
             "every node was given the same address and port and that every rank started, or "
             "wait longer with --rendezvous-timeout") from None
     if refused:  # an earlier attempt of this job met a user's error

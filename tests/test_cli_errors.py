@@ -163,6 +163,10 @@ BAD_INVOCATIONS = [
     (["eval", "{image}", "--data", "{data}"], "{image} is an image, not a weights file", "{new}"),
     # 8: --freeze naming nothing.
     ([*TRAIN, "--freeze", ","], "--freeze ',' names no part; give some of stem, conv2_x", "{new}"),
+    # 15-16: reslab torchrun's own arguments (its runs: tests/test_distributed.py).
+    (["torchrun", "--nproc-per-node"], "argument --nproc-per-node/--nproc_per_node: expected one "
+     "argument", "{new}"),
+    (["torchrun", "--nproc-per-node", "2"], "no reslab command after torchrun's options", "{new}"),
 ]
 
 

@@ -39,11 +39,13 @@ def _port() -> int:
 
 
 def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = (), wait: bool = True,
-             env: dict[str, str] | None = None):
-    """`torchrun --nproc-per-node N [extra] -m reslab ARGS` on localhost."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           *(extra or ("--master-addr", "127.0.0.1", "--master-port", str(_port()))),
-           "-m", "reslab", *args]
+             env: dict[str, str] | None = None, reslab: bool = False):
+    """`torchrun --nproc-per-node N [extra] -m reslab ARGS` on localhost, or with reslab=True
+    `reslab torchrun --nproc-per-node N [extra] ARGS`."""
+    options = ["--nproc-per-node", str(nproc),
+               *(extra or ("--master-addr", "127.0.0.1", "--master-port", str(_port())))]
+    cmd = [sys.executable, "-m", "reslab", "torchrun", *options, *args] if reslab else \
+        [sys.executable, "-m", "torch.distributed.run", *options, "-m", "reslab", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if not wait:
@@ -220,18 +222,20 @@ def test_a_killed_agent_stops_its_workers_with_a_checkpoint(folder, off_grid_ref
     same step with a checkpoint, instead of training on unsupervised; the same command then
     ends as an uninterrupted run."""
     ref, run = off_grid_ref, tmp_path / "run"
-    proc = torchrun(*OFF_GRID, "--data", str(folder), "--out", str(run), wait=False)
+    proc = torchrun(*OFF_GRID, "--data", str(folder), "--out", str(run), wait=False, reslab=True)
     _wait_for(run, 20, proc)
     workers = [int(pid) for pid in
                Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)  # the pipes close when the workers have exited
     assert not any(_running(pid) for pid in workers)
-    assert "Resume with the same command" in err, err
+    # The launcher here is `reslab torchrun`: the hint and env.json name it.
+    assert "Resume with the same command: reslab torchrun --nproc-per-node 2" in err, err
+    assert json.loads((run / "env.json").read_text())["command"][:2] == ["reslab", "torchrun"]
     assert not (run / "summary.json").exists()  # stopped, not trained to the end
     stopped_at = max(int(p.stem.split("-")[1]) for p in run.glob("checkpoint-*.pt"))
     assert 20 <= stopped_at < 50
-    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(run))
+    torchrun(*OFF_GRID, "--data", str(folder), "--out", str(run), reslab=True)
     w = _weights(ref)
     assert all(torch.equal(w[k], _weights(run)[k]) for k in w)
     assert _records(run) == _records(ref)
@@ -266,14 +270,19 @@ def test_ranks_that_never_meet_stop_after_the_rendezvous_timeout_in_one_line(fol
 
 
 def test_a_user_error_under_torchrun_prints_once_and_is_not_retried(folder, tmp_path):
-    # An error every rank meets: one line, from rank 0.
-    proc = torchrun(*TRAIN, "--data", str(folder), "--out", str(tmp_path / "odd"),
-                    "--batch-size", "127", wait=False)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    assert [line for line in err.splitlines() if "reslab train: error:" in line] == [
-        "reslab train: error: the batch size 127 does not divide among 2 ranks; use a "
-        "--batch-size that is a multiple of 2"], err
+    # An error every rank meets: one line, from rank 0. torchrun itself exits 1 and reports
+    # the failure at length; `reslab torchrun` exits 2 with that line alone.
+    line = ("reslab train: error: the batch size 127 does not divide among 2 ranks; use a "
+            "--batch-size that is a multiple of 2")
+    for reslab in (False, True):
+        proc = torchrun(*TRAIN, "--data", str(folder), "--out", str(tmp_path / "odd"),
+                        "--batch-size", "127", wait=False, reslab=reslab)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == (2 if reslab else 1), err
+        assert [e for e in err.splitlines() if "reslab train: error:" in e] == [line], err
+        if reslab:
+            assert err.splitlines() == [line], err
+    assert not (tmp_path / "odd").exists()
     # A folder in use: each restart --max-restarts grants meets the refusal at once, never
     # "nothing to do" with exit 0 once the other process is done; nothing is written.
     run = tmp_path / "busy"
@@ -289,6 +298,33 @@ def test_a_user_error_under_torchrun_prints_once_and_is_not_retried(folder, tmp_
     assert len(errors) == 3, err  # the first attempt and two restarts, one line each
     assert "is in use by another reslab process" in errors[0]
     assert all("met before torchrun restarted the ranks" in e for e in errors[1:])
+
+
+@pytest.mark.parametrize("backend", ["static", "c10d"])
+def test_reslab_torchrun_agents_that_never_meet_end_in_one_line(folder, tmp_path, backend):
+    """A wrong port between two agents: torchrun waits 600 s, then prints a traceback and exits
+    1; `reslab torchrun` waits --rendezvous-timeout and says so in one line, exit 2."""
+    ports = (_port(), _port())
+    agents = []
+    for node in (0, 1):  # each agent given another port: they cannot meet
+        where = (("--master-addr", "127.0.0.1", "--master-port", str(ports[node]))
+                 if backend == "static" else
+                 ("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{ports[node]}",
+                  "--rdzv-id", "never"))
+        extra = ("--nnodes", "2", *(("--node-rank", str(node)) if backend == "static" else ()),
+                 *where)
+        agents.append(torchrun(*TRAIN, "--data", str(folder), "--out", str(tmp_path / "run"),
+                               "--rendezvous-timeout", "3", nproc=1, extra=extra, wait=False,
+                               reslab=True))
+    for node, agent in enumerate(agents):
+        _, err = agent.communicate(timeout=120)
+        assert agent.returncode == 2, err
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"reslab torchrun: error: the agents did not meet at 127.0.0.1:{ports[node]} "
+            "within 3 s"), err
+        assert lines[0].endswith("or wait longer with --rendezvous-timeout"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_notes_name_what_changes_for_bn():

@@ -64,13 +64,13 @@ NOT_COMMANDS = {
 LISTED = {
     "pip install .":
         "installs into the interpreter running the tests; tests/test_wheel.py (-m slow) builds "
-        "the wheel and installs it alone into a fresh virtual environment, which trains, "
-        "evaluates and predicts",
-    "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend "
-    "c10d --rdzv-endpoint $(scontrol show hostnames | head -1):29400 --rdzv-id $SLURM_JOB_ID -m "
-    "reslab train resnet50 --data ~/imagenet --out runs/in50 --recipe imagenet":
-        "needs a SLURM cluster; the torchrun command it starts on each node is the README's "
-        "two-node c10d form, which runs here reduced (two agents on localhost)",
+        "the wheel and installs it with its dependencies into a fresh virtual environment, which "
+        "trains, evaluates and predicts",
+    "srun --nodes 2 --ntasks-per-node 1 reslab torchrun --nnodes 2 --nproc-per-node 8 "
+    "--rdzv-backend c10d --rdzv-endpoint $(scontrol show hostnames | head -1):29400 --rdzv-id "
+    "$SLURM_JOB_ID train resnet50 --data ~/imagenet --out runs/in50 --recipe imagenet":
+        "needs a SLURM cluster; the command it starts on each node is the README's two-node "
+        "c10d form, which runs here reduced (two agents on localhost)",
 }
 
 # Commands that run only under `-m slow`, with the reason: each costs minutes here whatever its
@@ -85,8 +85,9 @@ SLOW = {
         "2.5-3.5 min even at --steps 2 --batch-size 2 --input-size 32 (probes, references)",
     "reslab bench infer resnet50 --batch-size 32": "every inference path of ResNet-50 at 224",
     "reslab bench onnx resnet50": "ONNX export and every inference path of ResNet-50 at 224",
-    "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 "
-    "--rdzv-id in50 -m reslab train resnet50 --data ~/imagenet --out runs/in50 --recipe imagenet":
+    "reslab torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint "
+    "HOST:29400 --rdzv-id in50 train resnet50 --data ~/imagenet --out runs/in50 --recipe "
+    "imagenet":
         "two agents and two workers starting torch on 2 cores, ~35 s; the default suite's "
         "tests/test_distributed.py trains with two agents on localhost the same way",
 }
@@ -333,6 +334,8 @@ class Env:
 def run_reslab(argv: list[str], env: Env) -> int:
     from reslab.cli import main
 
+    if argv[1:2] == ["torchrun"]:  # agents and workers: subprocesses, as torchrun's
+        return run_torchrun(argv, env)
     return main(shrink(argv[1:]))
 
 
@@ -340,9 +343,13 @@ def run_torchrun(argv: list[str], env: Env) -> int:
     """Reduced: every --nproc-per-node is 2 (one node) or 1 (per agent of several nodes), gloo on
     CPU, a fresh --out (the README's run folder finished in the quickstart); several nodes are
     that many agents on localhost sharing one c10d rendezvous."""
-    i = argv.index("-m")
-    launcher, program = argv[1:i], argv[i + 2:]
-    assert argv[i + 1] == "reslab", argv
+    if argv[:2] == ["reslab", "torchrun"]:  # its options, then a reslab command
+        i = next(j for j, word in enumerate(argv) if word in COMMAND_NAMES)
+        launcher, program = argv[2:i], argv[i:]
+    else:
+        i = argv.index("-m")
+        launcher, program = argv[1:i], argv[i + 2:]
+        assert argv[i + 1] == "reslab", argv
     nodes = int(launcher[launcher.index("--nnodes") + 1]) if "--nnodes" in launcher else 1
     launcher = set_option(launcher, "--nproc-per-node", "2" if nodes == 1 else "1")
     if "--rdzv-endpoint" in launcher:
@@ -353,7 +360,9 @@ def run_torchrun(argv: list[str], env: Env) -> int:
     env.log.append(f"torchrun #{len(env.log)}")
     program = set_option(program, "--out", f"{program[program.index('--out') + 1]}-torchrun"
                          f"{len(env.log)}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "reslab", *program]
+    cmd = ([sys.executable, "-m", "reslab", "torchrun", *launcher, *program]
+           if argv[0] == "reslab" else
+           [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "reslab", *program])
     agents = [subprocess.Popen(cmd, cwd=env.root, env=env.env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True) for _ in range(nodes)]
     codes = []
@@ -382,6 +391,8 @@ def run_make(argv: list[str], env: Env) -> int:
     return 0
 
 
+COMMAND_NAMES = ("info", "train", "eval", "predict", "export", "data", "reproduce", "study",
+                 "bench")
 RUNNERS = {"reslab": run_reslab, "torchrun": run_torchrun, "make": run_make}
 
 
