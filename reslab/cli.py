@@ -282,7 +282,7 @@ def _train(args: argparse.Namespace) -> dict:
     """The run of `reslab train`'s arguments: its summary, or the error that stopped it."""
     from dataclasses import replace
 
-    from .data import ImageTree, open_data
+    from .data import open_data
     from .recipes import get_recipe
     from .train import RunSpec, check_start, train
 
@@ -320,8 +320,7 @@ def _train(args: argparse.Namespace) -> dict:
                      skip_bad_images=args.skip_bad_images, loader=args.loader)
     _report_left_out(data)
     if args.epochs is not None:
-        n_train = len(data.train) if isinstance(data, ImageTree) else len(data.train_images)
-        spec = replace(spec, recipe=recipe.with_epochs(args.epochs, n_train))
+        spec = replace(spec, recipe=recipe.with_epochs(args.epochs, data.train_size))
     return train(spec, args.out, data=data, options=options)
 
 
@@ -398,7 +397,7 @@ def _data_spec(data: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Test error of one run, or of an ensemble of runs (their softmax scores averaged, Table 5)
     beside each member's."""
-    from .data import ImageTree, open_data
+    from .data import open_data
     from .ensemble import EnsembleError, combine, ensemble
     from .pretrained import load_source
 
@@ -414,11 +413,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             joint = ensemble(members, args.runs, precision=args.precision)
         except EnsembleError as e:
             raise UsageError(str(e)) from None
-        if isinstance(data, ImageTree):  # each protocol's views: every member, then the joint
+        # Held test images: each member's logits once, the ensemble's from them (combine);
+        # streamed ones (no logits): each protocol's views, every member, then the joint.
+        logits = [data.test_logits(t.model, t.mean, t.std, precision=_precision(args, t))
+                  for t in members]
+        if any(z is None for z in logits):
             records = [_eval_one(args, trained, data) for trained in members]
             record = _eval_one(args, joint, data)
-        else:  # in memory: each member's logits once, the ensemble's from them (combine)
-            logits = [_eval_one(args, trained, data, logits_only=True) for trained in members]
+        else:
             records = [_eval_one(args, t, data, logits=z) for t, z in zip(members, logits,
                                                                          strict=True)]
             record = _eval_one(args, joint, data, logits=combine(logits))
@@ -437,55 +439,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _check_eval_data(args: argparse.Namespace, run: Path, trained, data) -> None:  # noqa: ANN001
-    """The data fits the run (trained.check_fits); --protocol only for streamed photographs."""
-    from .data import ImageTree
+    """The data fits the run (trained.check_fits); --protocol only where the data has one."""
     from .trained import check_fits
 
     check_fits(trained, data, run=str(run), data_name=args.data)
-    if args.protocol is not None and not isinstance(data, ImageTree):
+    if args.protocol is not None and args.protocol not in data.protocols:
         raise UsageError(f"--protocol {args.protocol} is for photographs streamed from an image "
                          f"folder; {args.data} is held in memory and tested on its single view "
                          "(Sec. 4.2)")
 
 
-def _eval_one(args: argparse.Namespace, trained, data, *, logits=None,  # noqa: ANN001
-              logits_only: bool = False):  # noqa: ANN202 (a record, or logits)
-    """One record of `trained` on `data`: test error and loss in memory (from `logits` where
-    given; logits_only: the logits themselves), or the --protocol's top-1 and top-5 error on an
-    image tree."""
-    import torch
+def _precision(args: argparse.Namespace, trained) -> str:  # noqa: ANN001
+    """--precision, else an ensemble in fp32 (each member in its own) and a run in its own."""
+    if args.precision:
+        return args.precision
+    return "fp32" if hasattr(trained.model, "members") else trained.spec.recipe.precision
 
-    from .data import ImageTree
-    from .evaluate import error_and_loss, test_logits, top5_error
 
-    model, mean, std, spec = trained.model, trained.mean, trained.std, trained.spec
-    # An ensemble runs each member in its own precision unless --precision says otherwise.
-    precision = args.precision or ("fp32" if hasattr(model, "members")
-                                   else spec.recipe.precision)
-    shown = args.precision or spec.recipe.precision
-    if not isinstance(data, ImageTree):
-        if logits is None:
-            logits = test_logits(model, data.test_images, mean, std, precision=precision,
-                                 memory_format=torch.channels_last)
-        if logits_only:
-            return logits
-        error, loss = error_and_loss(logits, data.test_labels)
-        return _record(spec.model, shown, error, top5_error(logits, data.test_labels), loss,
-                       SINGLE_VIEW, len(data.test_images), 0)
-    from .feed import default_workers
-    from .protocols import evaluate_tree
-
-    r = evaluate_tree(model, data.test, mean, std, protocol=args.protocol or "centre",
-                      precision=precision, skip_bad_images=args.skip_bad_images,
-                      workers=default_workers() if args.workers is None else args.workers)
+def _eval_one(args: argparse.Namespace, trained, data, *, logits=None) -> dict:  # noqa: ANN001
+    """One record of `trained` on `data` (from `logits` where given): the same keys for every
+    data source."""
+    r = data.evaluate(trained.model, trained.mean, trained.std, protocol=args.protocol,
+                      precision=_precision(args, trained), workers=args.workers,
+                      skip_bad_images=args.skip_bad_images, logits=logits)
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} bad image(s) (--skip-bad-images): "
               + "; ".join(r["skipped"][:3]), file=sys.stderr)
-    return _record(spec.model, shown, r["top1_error"], r["top5_error"], r["loss"],
-                   r["protocol"], r["images"], len(r["skipped"]))
-
-
-SINGLE_VIEW = "single view"  # images held in memory are tested as they are (Sec. 4.2)
+    return _record(trained.spec.model, args.precision or trained.spec.recipe.precision,
+                   r["test_error"], r["test_top5_error"], r["test_loss"], r["protocol"],
+                   r["images"], len(r["skipped"]))
 
 
 def _record(model: str, precision: str, error: float, top5: float | None, loss: float,
@@ -617,7 +599,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.action == "bench":
         from .bench_photos import bench_loader
-        from .feed import default_workers
+        from .data.workers import default_workers
 
         r = bench_loader(args.folder, workers=args.workers if args.workers is not None else
                          default_workers(), batch_size=args.batch_size)
@@ -707,7 +689,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_onnx(args)
     if args.mode == "photos":
         from .bench_photos import bench_train_photos
-        from .feed import default_workers
+        from .data.workers import default_workers
 
         if args.data is None:
             raise UsageError("bench photos needs --data: an image folder (train/ and val/)")

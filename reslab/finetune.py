@@ -175,16 +175,18 @@ def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor | None
     return w.to(weight.dtype)
 
 
-def fit_to_data(spec: RunSpec, *, photos: bool, channels: int, size: tuple[int, int],
+def fit_to_data(spec: RunSpec, *, augmentations: tuple[str, ...], channels: int,
+                size: tuple[int, int],
                 recorded: dict[str, Any] | None = None, resuming: bool = False,
                 ) -> tuple[RunSpec, tuple[torch.Tensor, torch.Tensor | None] | None, list[str]]:
     """A run's spec as it trains on its data (what its weights' metadata records), the
     normalisation to train with when it is the source's (None: the data's statistics, from the
     returned spec's recipe), and notes for the user.
 
-    - A fine-tune (init_from) on photographs streamed from files (`photos`) whose recipe says
-      pad-crop-flip (the finetune recipe's, Sec. 4.2's for small images in memory) takes
-      torchvision's augmentation, RandomResizedCrop and flip: the standard fine-tuning one.
+    - A fine-tune (init_from) on data that cannot take pad-crop-flip (photographs streamed from
+      files: the data's `augmentations`) whose recipe says pad-crop-flip (the finetune
+      recipe's, Sec. 4.2's for small images in memory) takes torchvision's augmentation,
+      RandomResizedCrop and flip: the standard fine-tuning one.
     - recipe.normalization "source": the source weights' normalisation (source_normalization)
       fitted to `channels` and `size` (fit_normalization); where it has none or does not fit, or
       without a source, the data's per-pixel mean (the paper's), with a note. A resumed run
@@ -192,7 +194,8 @@ def fit_to_data(spec: RunSpec, *, photos: bool, channels: int, size: tuple[int, 
       `recorded` normalisation, or the data's when it holds none.
     """
     recipe, notes = spec.recipe, []
-    if spec.init_from is not None and photos and recipe.augmentation == "pad-crop-flip":
+    if spec.init_from is not None and recipe.augmentation == "pad-crop-flip" and \
+            "torchvision" in augmentations:
         recipe = replace(recipe, augmentation="torchvision")
         notes.append("augmentation: torchvision's RandomResizedCrop 224 and flip for a fine-tune "
                      "on photographs (pad-crop-flip is for small images in memory; "

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import ImageTree, open_data
+from .data.protocols import evaluate_tree
+from .data.workers import default_workers
 from .experiments import (
     Arm,
     Experiment,
@@ -31,8 +33,6 @@ from .experiments import (
     unfinished,
     write_outputs,
 )
-from .feed import default_workers
-from .protocols import evaluate_tree
 from .train import RunSpec, model_depth
 from .trained import load_trained
 

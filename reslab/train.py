@@ -32,6 +32,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import BatchStream, DataError, Dataset, ImageTree, open_data
+from .data.feed import BadImage
 from .data.workers import check_workers
 from .distributed import (
     RENDEZVOUS_TIMEOUT,
@@ -44,7 +45,6 @@ from .distributed import (
     sync_batch_norm,
     world_from_env,
 )
-from .feed import BadImage, MemoryFeed, make_feed
 from .finetune import fit_to_data, source_layout
 from .models import (
     build_model,
@@ -126,48 +126,6 @@ def warms_up(model: str, warmup_min_depth: int) -> bool:
     return model_family(model) == "cifar" and model_depth(model) >= warmup_min_depth
 
 
-def check_data_fits(spec: RunSpec, data: Dataset | ImageTree) -> tuple[int, int]:
-    """(in_channels, num_classes), or a clear error before any work is done."""
-    if isinstance(data, ImageTree):
-        return _tree_fits(spec, data)
-    in_channels = data.in_channels if spec.in_channels is None else spec.in_channels
-    num_classes = data.num_classes if spec.num_classes is None else spec.num_classes
-    if num_classes < 1:
-        raise ValueError(f"--num-classes must be >= 1 (got {num_classes}); omit it to follow "
-                         "the data")
-    if in_channels != data.in_channels:
-        raise ValueError(
-            f"--in-channels {in_channels} but {data.name} has {data.in_channels}-channel images; "
-            "omit --in-channels to follow the data"
-        )
-    top = int(max(data.train_labels.max(), data.test_labels.max()))
-    if top >= num_classes:
-        raise ValueError(
-            f"{data.name} has labels up to {top} but the model has {num_classes} classes; "
-            f"use --num-classes {top + 1} or omit it to follow the data"
-        )
-    if spec.recipe.batch_size > len(data.train_images):
-        raise ValueError(
-            f"batch size {spec.recipe.batch_size} is larger than the {len(data.train_images)} "
-            "training images; use a smaller --batch-size"
-        )
-    return in_channels, num_classes
-
-
-def _tree_fits(spec: RunSpec, tree: ImageTree) -> tuple[int, int]:
-    num_classes = tree.num_classes if spec.num_classes is None else spec.num_classes
-    if num_classes < tree.num_classes:
-        raise ValueError(f"{tree.name} has {tree.num_classes} classes but --num-classes is "
-                         f"{num_classes}; omit it to follow the data")
-    if spec.in_channels not in (None, 3):
-        raise ValueError(f"--in-channels {spec.in_channels} but images of a tree are decoded "
-                         "to RGB; omit --in-channels")
-    if spec.recipe.batch_size > len(tree.train):
-        raise ValueError(f"batch size {spec.recipe.batch_size} is larger than the "
-                         f"{len(tree.train)} training images; use a smaller --batch-size")
-    return 3, num_classes
-
-
 def train(
     spec: RunSpec, run_dir: Path, *, data: Dataset | ImageTree | None = None,
     options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen: one shared default is safe)
@@ -195,22 +153,21 @@ def train(
         if data is None:
             data = open_data(spec.data, val_split=recipe.val_split, seed=0,
                              skip_bad_images=o.skip_bad_images, loader=o.loader)
-        in_channels, num_classes = check_data_fits(spec, data)
-        from .data.photo_augment import CROP
-
-        size = (CROP, CROP) if isinstance(data, ImageTree) else data.image_size
+        in_channels, num_classes = data.fits(spec.in_channels, spec.num_classes,
+                                             spec.recipe.batch_size)
+        size = data.view_size  # the views' (weights metadata, a source's normalisation)
         # Rank 0 reads the checkpoint and sends it: every rank resumes from the same state.
         resumed = broadcast(world, load_latest_checkpoint(folder.path) if main else None, dev)
         # A fine-tune takes its source's normalisation and, on photographs, torchvision's
         # augmentation; `spec` is now the run as trained (its weights' metadata), spec_dict the
         # run as asked (recipe.json, what a resume is compared with).
         spec, source_norm, init_notes = fit_to_data(
-            spec, photos=isinstance(data, ImageTree), channels=in_channels, size=size,
+            spec, augmentations=data.augmentations, channels=in_channels, size=size,
             recorded=resumed[0].get("normalization") if resumed else None,
             resuming=resumed is not None)
         recipe = spec.recipe
         world.shard(recipe.batch_size)  # the global batch divides among the ranks
-        feed = make_feed(data, recipe, dev, workers=o.workers, skip_bad_images=o.skip_bad_images,
+        feed = data.feed(recipe, dev, workers=o.workers, skip_bad_images=o.skip_bad_images,
                          world=world)
         # Sec. 4.2 and 3.4: per-pixel mean subtraction, computed on the training split.
         mean, std = feed.stats() if source_norm is None else source_norm
@@ -257,13 +214,11 @@ def train(
         mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
         compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
                          else o.compile_model)
-        resident = isinstance(feed, MemoryFeed)
         ddp = None
         if world.size > 1:  # averages the ranks' gradients: the global batch's mean loss
             ddp = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
         run_step = build_step(
-            model, optimizer, feed.images if resident else None,
-            feed.labels if resident else None, mean, std, recipe, window,
+            model, optimizer, feed.images, feed.labels, mean, std, recipe, window,
             compile_model=compile_model,
             compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
             cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,

@@ -94,8 +94,6 @@ def load_trained(path: Path, device: str = "cpu") -> Trained:
 def check_fits(trained: Trained, data, *, run: str, data_name: str) -> None:  # noqa: ANN001
     """The data has the run's channels, classes (in order) and, for a per-pixel mean, its image
     size; a ValueError naming both otherwise: an error measured there would be meaningless."""
-    from .data import ImageTree
-
     model, mean, spec, names = trained.model, trained.mean, trained.spec, trained.classes
     if data.in_channels != model.in_channels:
         raise ValueError(f"{data_name} has {data.in_channels}-channel images but {run} takes "
@@ -112,8 +110,8 @@ def check_fits(trained: Trained, data, *, run: str, data_name: str) -> None:  # 
         raise ValueError(f"{data_name}'s class {bad} is {data.classes[bad]!r} but {run} was "
                          f"trained with {there} as class {bad}; its error there would be "
                          "meaningless: evaluate on data with the training classes, in order")
-    if not isinstance(data, ImageTree) and mean.ndim == 3 and \
-            tuple(mean.shape[1:]) != data.image_size:
+    if data.image_size is not None and mean.ndim == 3 and \
+            tuple(mean.shape[1:]) != data.image_size:  # a tree's views are cropped to it
         raise ValueError(f"{data_name} has {data.image_size[0]}x{data.image_size[1]} images but "
                          f"{run} was trained on {mean.shape[1]}x{mean.shape[2]} (per-pixel "
                          "mean); resize the images to the training size")

@@ -344,20 +344,24 @@ def test_the_source_normalisation_is_fitted_or_left_and_a_resume_keeps_its_start
     checkpoint recorded (its start's), whatever the source says now."""
     from dataclasses import replace
 
+    from reslab.data import Dataset, ImageTree
     from reslab.finetune import IMAGENET_MEAN, IMAGENET_STD, fit_to_data, source_normalization
     from reslab.recipes import RECIPES
+
+    MEM, PHOTOS = Dataset.augmentations, ImageTree.augmentations  # the two regimes'
 
     _, meta = load_weights(MAKE_RUN / "model.safetensors")
     spec = RunSpec(model="resnet20", data="x", recipe=RECIPES["finetune"],
                    init_from=str(MAKE_RUN))
-    fitted, norm, notes = fit_to_data(spec, photos=False, channels=1, size=(28, 28))
+    fitted, norm, notes = fit_to_data(spec, augmentations=MEM, channels=1, size=(28, 28))
     assert torch.equal(norm[0], torch.tensor(meta["normalization"]["mean"])) and norm[1] is None
     assert fitted.recipe.normalization == "source" and len(notes) == 1
     # One channel repeats to any number (as the stem); three do not become two.
-    assert fit_to_data(spec, photos=False, channels=4, size=(28, 28))[1][0].shape == (4, 28, 28)
+    fitted4 = fit_to_data(spec, augmentations=MEM, channels=4, size=(28, 28))
+    assert fitted4[1][0].shape == (4, 28, 28)
     pth = tmp_path / "resnet20.pth"
     pth.write_bytes(b"")  # a torchvision file: ImageNet's mean and std, read from no file
-    fitted, norm, notes = fit_to_data(replace(spec, init_from=str(pth)), photos=False,
+    fitted, norm, notes = fit_to_data(replace(spec, init_from=str(pth)), augmentations=MEM,
                                       channels=2, size=(28, 28))
     assert norm is None and fitted.recipe.normalization == "pixel"
     assert notes == ["normalised with this data's per-pixel mean: the source has torchvision's "
@@ -368,12 +372,12 @@ def test_the_source_normalisation_is_fitted_or_left_and_a_resume_keeps_its_start
     assert by_name[0].tolist() == torch.tensor(IMAGENET_MEAN).tolist()
     assert by_name[1].tolist() == torch.tensor(IMAGENET_STD).tolist()
     recorded = {"mean": torch.zeros(1), "std": torch.ones(1)}
-    _, norm, _ = fit_to_data(spec, photos=False, channels=1, size=(28, 28), recorded=recorded,
+    _, norm, _ = fit_to_data(spec, augmentations=MEM, channels=1, size=(28, 28), recorded=recorded,
                              resuming=True)
     assert norm == (recorded["mean"], recorded["std"])
-    fitted, norm, _ = fit_to_data(spec, photos=False, channels=1, size=(28, 28), resuming=True)
+    fitted, norm, _ = fit_to_data(spec, augmentations=MEM, channels=1, size=(28, 28), resuming=True)
     assert norm is None and fitted.recipe.normalization == "pixel"  # the start's: the data's
     # Not a fine-tune: photographs keep the recipe's augmentation (the feed refuses it).
-    fitted, _, _ = fit_to_data(RunSpec(model="resnet20", data="x"), photos=True, channels=3,
-                               size=(224, 224))
+    fitted, _, _ = fit_to_data(RunSpec(model="resnet20", data="x"), augmentations=PHOTOS,
+                               channels=3, size=(224, 224))
     assert fitted.recipe.augmentation == "pad-crop-flip"

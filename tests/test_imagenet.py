@@ -33,10 +33,10 @@ from reslab.data.photo_augment import (
     ten_views,
     view_generator,
 )
+from reslab.data.protocols import evaluate_tree
 from reslab.data.stream import train_batches
 from reslab.data.tree import decode_rgb
 from reslab.models import build_model
-from reslab.protocols import evaluate_tree
 from reslab.recipes import RECIPES, Plateau, Recipe, learning_rate
 from reslab.step import Window, build_step, make_optimizer
 from reslab.train import RunSpec, TrainOptions, train

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import reslab.checkpoint
-import reslab.feed
+import reslab.data.feed
 import reslab.step
 import reslab.train
 from conftest import (
@@ -53,13 +53,13 @@ CLI_ARGS = ["resnet8", "--iterations", str(N), "--batch-size", "16", "--checkpoi
 # kill would).
 KILLER = r"""
 import os, signal, sys
-import reslab.checkpoint, reslab.feed
+import reslab.checkpoint, reslab.data.feed
 from reslab.cli import main
 
 kind, n = sys.argv[1], int(sys.argv[2])
 del sys.argv[1:3]
 calls = [0]
-evaluate, atomic_write = reslab.feed.evaluate, reslab.checkpoint._atomic_write
+evaluate, atomic_write = reslab.data.feed.evaluate, reslab.checkpoint._atomic_write
 
 def dying_evaluate(*args, **kwargs):
     calls[0] += 1
@@ -78,7 +78,7 @@ def dying_write(path, data):
     atomic_write(path, data)
 
 if kind == "eval":
-    reslab.feed.evaluate = dying_evaluate
+    reslab.data.feed.evaluate = dying_evaluate
 else:
     reslab.checkpoint._atomic_write = dying_write
 sys.exit(main())
@@ -222,8 +222,8 @@ def test_sigint_finishes_the_step_saves_and_says_how_to_resume(cli_reference):
 
 def test_deterministic_runs_write_identical_metrics(tmp_path, finished, monkeypatch):
     seen = []
-    real = reslab.feed.evaluate
-    monkeypatch.setattr(reslab.feed, "evaluate", lambda *a, **k: (
+    real = reslab.data.feed.evaluate
+    monkeypatch.setattr(reslab.data.feed, "evaluate", lambda *a, **k: (
         seen.append(torch.are_deterministic_algorithms_enabled()), real(*a, **k))[1])
     args = ["train", "resnet8", "--data", str(finished.folder), "--iterations", "10",
             "--batch-size", "16", "--eval-every", "5", "--log-every", "1", "--no-progress"]

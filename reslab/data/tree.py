@@ -13,14 +13,22 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import DataError, hold_out
+from .dataset import DataError, check_batch_size, hold_out
 from .folder import _BAD_IMAGE, _deep_grey, scan_folder
 from .workers import DieWithParent, check_workers, max_workers
+
+if TYPE_CHECKING:  # the feed imports evaluation, which imports this package
+    from torch import nn
+
+    from ..distributed import World
+    from ..recipes import Recipe
+    from .feed import TreeFeed
 
 # Larger than any photograph; a file claiming more pixels is a decompression bomb (PIL's own
 # limit is ~89 Mpx, with a warning from half of it, which reslab treats as an error).
@@ -44,6 +52,59 @@ class ImageTree:
         return len(self.classes)
 
     in_channels = 3  # every image is decoded to RGB
+    image_size = None  # photographs have no one size; the views are cropped (Sec. 3.4)
+
+    # The interface both regimes give (Dataset's in dataset.py).
+    augmentations: ClassVar[tuple[str, ...]] = ("scale", "torchvision")  # in the workers
+    protocols: ClassVar[tuple[str, ...]] = ("centre", "10-crop", "multi-scale")  # Sec. 3.4
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def view_size(self) -> tuple[int, int]:
+        """The size of the views the net trains on: Sec. 3.4's 224 crops."""
+        from .photo_augment import CROP
+
+        return (CROP, CROP)
+
+    def fits(self, in_channels: int | None, num_classes: int | None, batch_size: int
+             ) -> tuple[int, int]:
+        """(in_channels, num_classes) of a run on this tree (None: the tree's), or a clear
+        error before any work is done."""
+        classes = self.num_classes if num_classes is None else num_classes
+        if classes < self.num_classes:
+            raise ValueError(f"{self.name} has {self.num_classes} classes but --num-classes is "
+                             f"{classes}; omit it to follow the data")
+        if in_channels not in (None, 3):
+            raise ValueError(f"--in-channels {in_channels} but images of a tree are decoded "
+                             "to RGB; omit --in-channels")
+        check_batch_size(batch_size, self.train_size)
+        return 3, classes
+
+    def feed(self, recipe: Recipe, device: torch.device, *, workers: int | None,
+             skip_bad_images: bool, world: World) -> TreeFeed:
+        """Views decoded and augmented by worker processes (default: one per core, at most 8)."""
+        from .feed import TreeFeed
+        from .workers import default_workers
+
+        return TreeFeed(self, recipe, device, default_workers() if workers is None else workers,
+                        skip_bad_images, world)
+
+    def test_logits(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None, *,
+                    precision: str) -> torch.Tensor | None:
+        """None: a tree's test views are streamed, not held (an ensemble is run as one)."""
+        return None
+
+    def evaluate(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None, *,
+                 protocol: str | None, precision: str, workers: int | None,
+                 skip_bad_images: bool, logits: torch.Tensor | None = None) -> dict[str, Any]:
+        """The test record of `protocol`'s views (default the centre crop); as Dataset's."""
+        from .feed import tree_record
+
+        return tree_record(self, model, mean, std, protocol=protocol, precision=precision,
+                           workers=workers, skip_bad_images=skip_bad_images)
 
 
 def open_tree(root: Path) -> ImageTree:

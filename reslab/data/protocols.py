@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, normalize
-from .data.stream import test_batches
-from .runtime import autocast
+from ..runtime import autocast
+from .dataset import DataError
+from .stats import normalize
+from .stream import test_batches
 
 PROTOCOLS = ("centre", "10-crop", "multi-scale")
 

@@ -1,6 +1,8 @@
-"""What train() needs of its data, for both paths: images held in memory on the device (Sec.
-4.2's small images: the step indexes them and augments whole batches as tensor ops), or an
-ImageTree streamed through worker processes (Sec. 3.4's photographs). Each feed gives the
+"""What train() and eval need of their data, for both regimes: images held in memory on the
+device (Sec. 4.2's small images: the step indexes them and augments whole batches as tensor
+ops), or an ImageTree streamed through worker processes (Sec. 3.4's photographs). Dataset and
+ImageTree hand out their own (`data.feed(...)`, `data.evaluate(...)`), so no caller asks which
+one it holds. Each feed gives the
 training size and classes, the normalisation statistics, the next batch in the run's order
 (advancing the run's BatchStream by exactly the batches trained), and the evaluation record:
 under torchrun each rank evaluates its share of the test images and the counts are summed, so
@@ -15,14 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import BatchStream, DataError, Dataset, ImageTree, channel_stats, pixel_mean
-from .data.stream import StreamedBatch, train_batches, tree_stats
-from .data.workers import default_workers
-from .distributed import World, all_sum
-from .evaluate import evaluate
+from ..distributed import World, all_sum
+from ..evaluate import error_and_loss, evaluate, test_logits, top5_error
+from ..recipes import Recipe
+from ..runtime import MEMORY_FORMAT
+from .dataset import DataError, Dataset
+from .order import BatchStream
 from .protocols import evaluate_tree
-from .recipes import Recipe
-from .runtime import MEMORY_FORMAT
+from .stats import channel_stats, pixel_mean
+from .stream import StreamedBatch, train_batches, tree_stats
+from .tree import ImageTree
+from .workers import default_workers
 
 
 def _shard(n: int, world: World) -> slice:
@@ -59,6 +64,10 @@ class MemoryFeed:
     def next(self, stream: BatchStream) -> torch.Tensor:
         return stream.next()
 
+    def batch_labels(self, batch: torch.Tensor) -> torch.Tensor:
+        """The labels of a batch `next` gave (the images stay on the device until the step)."""
+        return self.labels[batch.to(self.labels.device)]
+
     def evaluate(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None
                  ) -> dict[str, float]:
         d, record = self.data, {}
@@ -80,7 +89,9 @@ class MemoryFeed:
 
 class TreeFeed:
     """An ImageTree decoded and augmented by `workers` processes (Sec. 3.4's views); evaluated
-    with the centre-crop protocol, top-1 and top-5, during training."""
+    with the centre-crop protocol, top-1 and top-5, during training. Nothing is resident."""
+
+    images = labels = None
 
     def __init__(self, tree: ImageTree, recipe: Recipe, device: torch.device, workers: int,
                  skip_bad_images: bool, world: World = World()) -> None:  # noqa: B008
@@ -117,6 +128,10 @@ class TreeFeed:
                             f"tree with `reslab data check {self.tree.name}`")
         return batch
 
+    def batch_labels(self, batch: StreamedBatch) -> torch.Tensor:
+        """The labels of a batch `next` gave (its good images')."""
+        return batch.labels
+
     def evaluate(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None
                  ) -> dict[str, Any]:
         record = {}
@@ -135,10 +150,34 @@ class TreeFeed:
         return record
 
 
-def make_feed(data: Dataset | ImageTree, recipe: Recipe, device: torch.device, *,
-              workers: int | None, skip_bad_images: bool,
-              world: World = World()) -> MemoryFeed | TreeFeed:  # noqa: B008 (frozen)
-    if isinstance(data, ImageTree):
-        return TreeFeed(data, recipe, device, default_workers() if workers is None else workers,
-                        skip_bad_images, world)
-    return MemoryFeed(data, recipe, device, world)
+SINGLE_VIEW = "single view"  # images held in memory are tested as they are (Sec. 4.2)
+
+
+def memory_test_logits(data: Dataset, model: nn.Module, mean: torch.Tensor,
+                       std: torch.Tensor | None, *, precision: str) -> torch.Tensor:
+    return test_logits(model, data.test_images, mean, std, precision=precision,
+                       memory_format=torch.channels_last)
+
+
+def memory_record(data: Dataset, model: nn.Module, mean: torch.Tensor,
+                  std: torch.Tensor | None, *, precision: str,
+                  logits: torch.Tensor | None = None) -> dict[str, Any]:
+    """The test record of the single view (from `logits` where given: an ensemble's)."""
+    if logits is None:
+        logits = memory_test_logits(data, model, mean, std, precision=precision)
+    error, loss = error_and_loss(logits, data.test_labels)
+    return {"test_error": error, "test_top5_error": top5_error(logits, data.test_labels),
+            "test_loss": loss, "protocol": SINGLE_VIEW, "images": len(data.test_images),
+            "skipped": []}
+
+
+def tree_record(tree: ImageTree, model: nn.Module, mean: torch.Tensor,
+                std: torch.Tensor | None, *, protocol: str | None, precision: str,
+                workers: int | None, skip_bad_images: bool) -> dict[str, Any]:
+    """The test record of a protocol's views (Sec. 3.4; default the centre crop)."""
+    r = evaluate_tree(model, tree.test, mean, std, protocol=protocol or "centre",
+                      precision=precision, skip_bad_images=skip_bad_images,
+                      workers=default_workers() if workers is None else workers)
+    return {"test_error": r["top1_error"], "test_top5_error": r["top5_error"],
+            "test_loss": r["loss"], "protocol": r["protocol"], "images": r["images"],
+            "skipped": r["skipped"]}
