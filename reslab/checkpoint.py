@@ -48,7 +48,7 @@ _WRITE_FAULTS = {
 def write_error(path: Path, error: OSError) -> CheckpointError:
     """A clear error for a failed write: which file, why, and that the run can be resumed."""
     reason = _WRITE_FAULTS.get(error.errno, error.strerror or type(error).__name__)
-    kept = list_checkpoints(path.parent)  # `path` itself is never half-written (_atomic_write)
+    kept = list_checkpoints(path.parent)  # `path` itself is never half-written (atomic_write)
     state = (f"{kept[-1].name} is intact" if kept else "no checkpoint was written yet")
     after = "to resume from it" if kept else "(it starts from the beginning)"
     return CheckpointError(
@@ -68,7 +68,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
     # Serialised in memory first: a failed write then raises Python's OSError with its errno,
     # where torch.save and safetensors would report a full disk as an opaque RuntimeError.
     path = Path(path)
@@ -99,7 +99,7 @@ def _remove_stale(folder: Path, pattern: str) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """A small text file (recipe.json, summary.json), written atomically like a checkpoint."""
-    _atomic_write(path, text.encode())
+    atomic_write(path, text.encode())
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -146,7 +146,7 @@ def save_checkpoint(
     path = checkpoint_path(run_dir, step)
     buffer = io.BytesIO()
     torch.save({**state, DIGEST: content_digest(state)}, buffer)
-    _atomic_write(path, buffer.getbuffer())
+    atomic_write(path, buffer.getbuffer())
     for old in list_checkpoints(run_dir)[: -max(keep, 2)]:
         old.unlink(missing_ok=True)
     _remove_stale(Path(run_dir), f".{CHECKPOINT_GLOB}.tmp-*")
@@ -210,7 +210,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
     # One metadata key: safetensors writes several in a random order, and equal runs must write
     # equal bytes.
     meta = {"reslab": json.dumps({**metadata, DIGEST: content_digest(tensors)})}
-    _atomic_write(Path(path), safetensors_bytes(tensors, metadata=meta))
+    atomic_write(Path(path), safetensors_bytes(tensors, metadata=meta))
 
 
 # What a file given where weights are expected is instead (file_kind), and the fix.

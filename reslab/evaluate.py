@@ -86,7 +86,7 @@ def layer_responses(
     """Fig. 7: the std of each 3x3 layer's response after BN and before ReLU/addition, on
     `images`, in layer order. Per channel over images and positions, then averaged over
     channels (BN gives each channel its own scale). fp32, eval mode, forward hooks."""
-    from .models import ResidualBlock
+    from .blocks import ResidualBlock
 
     bns: list[nn.Module] = []
     if model.conv1.kernel_size == (3, 3):  # the CIFAR stem is a 3x3 layer too

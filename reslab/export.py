@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import WEIGHTS, CheckpointError, _atomic_write
-from .models import ResidualBlock, check_input_size, model_family
+from .blocks import ResidualBlock
+from .checkpoint import WEIGHTS, CheckpointError, atomic_write
+from .models import check_input_size, model_family
 from .runfolder import is_run_file
 from .runtime import require
 from .trained import Trained, check_class_names, load_trained
@@ -183,7 +184,7 @@ def _check_writable(out: Path, overwrite: bool = False) -> Path:
 
 def _write(out: Path, data: bytes) -> None:
     try:
-        _atomic_write(out, data)  # a kill mid-write leaves the old file or the new, never half
+        atomic_write(out, data)  # a kill mid-write leaves the old file or the new, never half
     except CheckpointError as e:
         raise ValueError(f"cannot write {out}: {e.__cause__ or e}") from e
 

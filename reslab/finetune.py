@@ -231,9 +231,9 @@ def source_normalization(init_from: str) -> tuple[torch.Tensor, torch.Tensor | N
     from .pretrained import TORCHVISION
 
     if str(init_from).startswith(TORCHVISION) and not Path(init_from).exists():
-        from .pretrained import _torchvision_weights
+        from .pretrained import torchvision_weights
 
-        t = _torchvision_weights(str(init_from)).transforms()
+        t = torchvision_weights(str(init_from)).transforms()
         return (torch.tensor(t.mean, dtype=torch.float32), torch.tensor(t.std, dtype=torch.float32),
                 "torchvision's, its weights' transforms' mean and std")
     path = resolve_source(init_from)

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-_USER_ERROR = 2  # a worker's exit status for a user's error (cli._fail)
+_USER_ERROR = 2  # a worker's exit status for a user's error (cli.options.fail)
 
 
 def _rendezvous_timeout(command: Sequence[str], default: float) -> float:

@@ -8,21 +8,18 @@ option-B models. This module imports only torch.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import mlp_rnn
+from .blocks import RecomputeContexts, ResidualBlock, block_out_channels, make_block
 
 SHORTCUTS = ("A", "B", "C", "gated", "scaled", "fixed", "none")
 LAYOUTS = ("v1", "v1.5")
-GATE_BIAS = -3.0  # sigmoid(-3) = 0.047: a gated block starts ~95% on its shortcut (highway-style)
-FIXED_SCALE = 0.5  # the "fixed" mapping: y = F(x) + 0.5 * x
 
 # ImageNet family, Table 1: (block kind, blocks per stage conv2_x..conv5_x)
 IMAGENET_STAGES: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -37,116 +34,6 @@ CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)  # Table 6
 CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)  # Fig. 6
 MLP_DEPTHS = (4, 8, 14, 20, 32, 56)  # mlp_rnn: the fully connected twins' study depths
 LSTM_DEPTHS = (1, 2, 4, 8, 16)  # and the recurrent twins'
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option A (Sec. 3.3): identity with stride-2 subsampling and zero-padded extra channels.
-
-    Parameter-free, so a ResNet with option A has exactly the parameters of its plain twin.
-    """
-
-    def __init__(self, stride: int, extra_channels: int) -> None:
-        super().__init__()
-        self.stride = stride
-        self.extra_channels = extra_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, extra_channels={self.extra_channels}"
-
-
-class ResidualBlock(nn.Module):
-    """conv-BN(-ReLU) layers forming F(x), merged with the shortcut, then ReLU (Eq. 1 and 2).
-
-    One class covers the basic block of 1-3 3x3 layers and the bottleneck (1x1, 3x3, 1x1).
-    `mapping` says how F(x) and the shortcut s(x) merge: "add" (y = F + s), "none" (plain:
-    y = F), "gated" (y = T F + (1 - T) s, T = sigmoid(1x1 conv of x)), "scaled" (y = F + λ s,
-    λ learned from 1) or "fixed" (y = F + 0.5 s).
-    """
-
-    def __init__(
-        self,
-        in_planes: int,
-        widths: Sequence[int],
-        kernels: Sequence[int],
-        strides: Sequence[int],
-        mapping: str,
-        downsample: nn.Module | None,
-    ) -> None:
-        super().__init__()
-        self.num_layers = len(widths)
-        self.mapping = mapping
-        channels = in_planes
-        for i, (width, k, s) in enumerate(zip(widths, kernels, strides, strict=True), start=1):
-            conv = nn.Conv2d(channels, width, k, stride=s, padding=k // 2, bias=False)
-            setattr(self, f"conv{i}", conv)
-            setattr(self, f"bn{i}", nn.BatchNorm2d(width))
-            channels = width
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        if mapping == "gated":
-            # Highway-style transform gate; zero weights and a negative bias open it to 0.047.
-            self.gate = nn.Conv2d(in_planes, channels, 1, stride=max(strides), bias=True)
-        if mapping == "scaled":
-            self.shortcut_scale = nn.Parameter(torch.ones(()))
-
-    def reset_gate(self) -> None:
-        if self.mapping == "gated":
-            nn.init.zeros_(self.gate.weight)
-            nn.init.constant_(self.gate.bias, GATE_BIAS)
-
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        for i in range(1, self.num_layers + 1):
-            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
-            if i < self.num_layers:
-                out = self.relu(out)
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual(x)
-        if self.mapping == "none":
-            return self.relu(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        if self.mapping == "gated":
-            t = torch.sigmoid(self.gate(x))
-            out = t * out + (1 - t) * shortcut
-        elif self.mapping == "scaled":
-            out = out + self.shortcut_scale * shortcut
-        elif self.mapping == "fixed":
-            out = out + FIXED_SCALE * shortcut
-        else:
-            out = out + shortcut
-        return self.relu(out)
-
-
-@contextlib.contextmanager
-def _frozen_bn_stats(module: nn.Module):
-    """During checkpoint recomputation, keep BN running statistics from updating a second time."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(bns, saved, strict=True):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
-
-
-class _RecomputeContexts:
-    """context_fn for torch.utils.checkpoint: plain forward, BN-frozen recomputation."""
-
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
-
-    def __call__(self):
-        return contextlib.nullcontext(), _frozen_bn_stats(self.block)
 
 
 class ResNet(nn.Module):
@@ -187,7 +74,7 @@ class ResNet(nn.Module):
             for i in range(n):
                 # Sec. 3.4/4.2: the first block of stages 2.. subsamples with stride 2.
                 stride = 2 if (s > 1 and i == 0) else 1
-                block = _make_block(
+                block = make_block(
                     planes_in, width, stride, block_kind, layers_per_block, mapping,
                     projection, layout,
                 )
@@ -255,7 +142,7 @@ class ResNet(nn.Module):
     def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             for block in stage:
-                x = checkpoint(block, x, use_reentrant=False, context_fn=_RecomputeContexts(block))
+                x = checkpoint(block, x, use_reentrant=False, context_fn=RecomputeContexts(block))
             return x
         return stage(x)
 
@@ -303,40 +190,6 @@ class ResNet(nn.Module):
             for module in self._part(name):
                 module.eval()
         return self
-
-
-def block_out_channels(block: ResidualBlock) -> int:
-    return getattr(block, f"conv{block.num_layers}").out_channels
-
-
-def _make_block(
-    in_planes: int,
-    planes: int,
-    stride: int,
-    kind: str,
-    layers: int,
-    mapping: str,
-    projection: str,
-    layout: str,
-) -> ResidualBlock:
-    if kind == "bottleneck":  # Fig. 5 right: 1x1 reduce, 3x3, 1x1 restore (x4)
-        widths, kernels = (planes, planes, 4 * planes), (1, 3, 1)
-        # v1 (paper): stride on the first 1x1; v1.5 (torchvision): stride on the 3x3.
-        strides = (stride, 1, 1) if layout == "v1" else (1, stride, 1)
-    else:
-        widths, kernels = (planes,) * layers, (3,) * layers
-        strides = (stride,) + (1,) * (layers - 1)
-    out = widths[-1]
-    grows = stride != 1 or in_planes != out
-    downsample: nn.Module | None = None
-    if mapping != "none":
-        if projection == "C" or (projection == "B" and grows):
-            downsample = nn.Sequential(
-                nn.Conv2d(in_planes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
-            )
-        elif projection == "A" and grows:
-            downsample = ZeroPadShortcut(stride, out - in_planes)
-    return ResidualBlock(in_planes, widths, kernels, strides, mapping, downsample)
 
 
 _NAME = re.compile(r"^(cifar_)?(resnet|plain)(\d+)$")
@@ -460,18 +313,15 @@ def build_model(
             f"unknown model {name!r}: ImageNet plain nets are plain18 and plain34 (Table 2)"
         )
 
-    if shortcut is None:
-        shortcut = default_shortcut(name)
+    shortcut = default_shortcut(name) if shortcut is None else shortcut
     if shortcut not in SHORTCUTS:
         raise ValueError(f"unknown shortcut {shortcut!r}; valid: {', '.join(SHORTCUTS)}")
     if plain and shortcut != "none":
         raise ValueError(f"{name} is a plain net (no shortcuts); use --shortcut none or omit it")
-    if layout is None:
-        layout = "v1"
+    layout = "v1" if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
-    if num_classes is None:
-        num_classes = 10 if family == "cifar" else 1000
+    num_classes = (10 if family == "cifar" else 1000) if num_classes is None else num_classes
     _check_counts(num_classes, in_channels)
 
     # Research mappings keep the family's projection where dimensions grow (A on CIFAR, B on
@@ -482,30 +332,45 @@ def build_model(
         mapping, projection = shortcut, ("A" if family == "cifar" else "B")
 
     if family == "cifar":
-        k = 2 if layers_per_block is None else layers_per_block
-        if k not in (1, 2, 3):
-            raise ValueError(
-                f"--layers-per-block must be 1, 2 or 3 for CIFAR basic blocks, got {k!r}"
-            )
-        if (depth - 2) % (3 * k) != 0 or depth <= 2:
-            if k == 2:
-                raise ValueError(
-                    f"depth {depth} of {name!r} is not 6n+2; valid CIFAR depths: 8, 14, 20, 26, "
-                    f"32, ... (6n+2), e.g. {', '.join(map(str, CIFAR_DEPTHS))}"
-                )
-            raise ValueError(
-                f"depth {depth} of {name!r} does not fit {k}-layer blocks: with "
-                f"--layers-per-block {k} the depth must be {3 * k}n+2 (three stages of n blocks)"
-            )
-        n = (depth - 2) // (3 * k)
+        n, k = _cifar_blocks(name, depth, layers_per_block)
         return ResNet(
             stem="cifar", stage_blocks=(n, n, n), stage_widths=(16, 32, 64), block_kind="basic",
             layers_per_block=k, mapping=mapping, projection=projection, layout=layout,
             num_classes=num_classes, in_channels=in_channels,
             zero_init_residual=zero_init_residual, gradient_checkpointing=gradient_checkpointing,
         )
-
     block_kind, stage_blocks = IMAGENET_STAGES[depth]
+    k = _imagenet_layers(name, block_kind, layers_per_block)
+    return ResNet(
+        stem="imagenet", stage_blocks=stage_blocks, stage_widths=(64, 128, 256, 512),
+        block_kind=block_kind, layers_per_block=k, mapping=mapping, projection=projection,
+        layout=layout, num_classes=num_classes, in_channels=in_channels,
+        zero_init_residual=zero_init_residual, gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def _cifar_blocks(name: str, depth: int, layers_per_block: int | None) -> tuple[int, int]:
+    """(blocks per stage n, layers per block k) of a CIFAR net: depth = 3kn + 2 (Sec. 4.2)."""
+    k = 2 if layers_per_block is None else layers_per_block
+    if k not in (1, 2, 3):
+        raise ValueError(
+            f"--layers-per-block must be 1, 2 or 3 for CIFAR basic blocks, got {k!r}"
+        )
+    if (depth - 2) % (3 * k) != 0 or depth <= 2:
+        if k == 2:
+            raise ValueError(
+                f"depth {depth} of {name!r} is not 6n+2; valid CIFAR depths: 8, 14, 20, 26, "
+                f"32, ... (6n+2), e.g. {', '.join(map(str, CIFAR_DEPTHS))}"
+            )
+        raise ValueError(
+            f"depth {depth} of {name!r} does not fit {k}-layer blocks: with "
+            f"--layers-per-block {k} the depth must be {3 * k}n+2 (three stages of n blocks)"
+        )
+    return (depth - 2) // (3 * k), k
+
+
+def _imagenet_layers(name: str, block_kind: str, layers_per_block: int | None) -> int:
+    """The conv layers of an ImageNet net's blocks: exactly Table 1's."""
     needed = 3 if block_kind == "bottleneck" else 2
     k = needed if layers_per_block is None else layers_per_block
     if k != needed:
@@ -513,12 +378,7 @@ def build_model(
             f"--layers-per-block {layers_per_block!r} does not fit {name}: its {block_kind} blocks "
             f"have exactly {needed} conv layers (Table 1); use a CIFAR net to vary it"
         )
-    return ResNet(
-        stem="imagenet", stage_blocks=stage_blocks, stage_widths=(64, 128, 256, 512),
-        block_kind=block_kind, layers_per_block=k, mapping=mapping, projection=projection,
-        layout=layout, num_classes=num_classes, in_channels=in_channels,
-        zero_init_residual=zero_init_residual, gradient_checkpointing=gradient_checkpointing,
-    )
+    return k
 
 
 def _check_counts(num_classes: int | None, in_channels: int) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, normalize
-from .data.folder import _BAD_IMAGE, _IMAGE_SUFFIXES, _decode_image, _listed
+from .data.folder import BAD_IMAGE, IMAGE_SUFFIXES, decode_image, list_image_files
 from .data.photo_augment import (
     CROP,
     MULTI_SCALES,
@@ -145,9 +145,9 @@ def list_images(paths: Sequence[Path]) -> list[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*")
-                           if p.suffix.lower() in _IMAGE_SUFFIXES and _listed(p, path))
+                           if p.suffix.lower() in IMAGE_SUFFIXES and list_image_files(p, path))
             if not found:
-                raise DataError(f"{path} holds no images ({'/'.join(_IMAGE_SUFFIXES)})")
+                raise DataError(f"{path} holds no images ({'/'.join(IMAGE_SUFFIXES)})")
             files += found
         elif path.exists():
             files.append(path)
@@ -162,7 +162,7 @@ def _as_trained(path: Path, predictor: Predictor) -> torch.Tensor:
     training size (antialiased bilinear when the file's differs)."""
     from PIL import Image
 
-    array = _decode_image(path)
+    array = decode_image(path)
     if predictor.in_channels == 1 and array.ndim == 3:
         array = np.asarray(Image.fromarray(array).convert("L"))
     image = torch.from_numpy(np.array(array))
@@ -249,7 +249,7 @@ def predict(predictor: Predictor, files: Sequence[Path], *, top_k: int = 5,
                 good.append(path)
             except DataError as e:
                 yield str(path), str(e)
-            except _BAD_IMAGE as e:
+            except BAD_IMAGE as e:
                 yield str(path), f"cannot decode image {path}: {e}; fix or delete it"
         if not views:
             continue

@@ -176,7 +176,7 @@ def weights_file(name: str) -> Path:
     """The file of released or torchvision weights, its SHA-256 checked (released) or fetched
     through torchvision's cache (torchvision:...). What --init-from NAME starts from."""
     if str(name).startswith(TORCHVISION):
-        return _torchvision_file(_torchvision_weights(str(name)), str(name))
+        return _torchvision_file(torchvision_weights(str(name)), str(name))
     r = _release(str(name))
     cache = Path(torch.hub.get_dir()) / "checkpoints" / f"reslab-{r.name}-{r.sha256[:8]}" \
         ".safetensors"
@@ -249,7 +249,7 @@ def hub_model(model: str, pretrained: bool | str = False, **options) -> nn.Modul
 
 # torchvision's weights by name --------------------------------------------------------------
 
-def _torchvision_weights(name: str):  # noqa: ANN202 (a torchvision WeightsEnum member)
+def torchvision_weights(name: str):  # noqa: ANN202 (a torchvision WeightsEnum member)
     from torchvision.models import get_weight
 
     spec = name.removeprefix(TORCHVISION)
@@ -291,7 +291,7 @@ def _torchvision_file(weights, name: str) -> Path:  # noqa: ANN001
 def _load_torchvision(name: str, device: str) -> Trained:
     from .runtime import resolve_device
 
-    weights = _torchvision_weights(name)
+    weights = torchvision_weights(name)
     _torchvision_file(weights, name)
     state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     model_name = f"resnet{type(weights).__name__[len('ResNet'):-len('_Weights')]}"

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .blocks import ResidualBlock
 from .complexity import describe
 from .data import Dataset, load_dataset, normalize
 from .experiments import (
@@ -35,7 +36,7 @@ from .experiments import (
     unfinished,
     write_outputs,
 )
-from .models import ResidualBlock, default_shortcut
+from .models import default_shortcut
 from .runfolder import read_metrics
 from .train import RunSpec
 from .trained import load_trained

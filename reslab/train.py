@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sys
 import time
 import types
@@ -23,21 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+from . import loop
 from .checkpoint import (
-    checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
-    save_checkpoint,
 )
-from .data import BatchStream, DataError, Dataset, ImageTree, open_data
-from .data.feed import BadImage
+from .data import BatchStream, Dataset, ImageTree, open_data
 from .data.workers import check_workers
 from .distributed import (
     RENDEZVOUS_TIMEOUT,
     World,
-    all_sum,
     broadcast,
     process_group,
     rank_device,
@@ -46,21 +41,18 @@ from .distributed import (
     world_from_env,
 )
 from .finetune import fit_to_data, source_layout
+from .loop import TrainingStopped
 from .models import (
     build_model,
     default_shortcut,
     layers_per_block,
     model_family,
 )
-from .recipes import Plateau, Recipe, learning_rate
+from .recipes import Plateau, Recipe
 from .runfolder import RunFolder, RunFolderError, RunSpec, environment, weights_metadata
 from .runtime import (
-    MissingExtra,
-    algorithms,
-    require,
     resolve_device,
     resolve_precision,
-    stop_signals,
 )
 from .step import MEMORY_FORMAT, NonFiniteLoss, Window, build_step, make_optimizer
 from .trained import Trained, error_detail, load_trained
@@ -76,14 +68,6 @@ COMPILE_MIN_ITERATIONS = 5_000
 # CUDA graph (step.GraphedStep) around the default mode: "reduce-overhead" skips its graphs for
 # BN's in-place statistics updates (results/h200).
 COMPILE_MODES: dict[str, str | None] = {"cpu": None, "cuda": None}
-
-
-class TrainingStopped(Exception):
-    """SIGTERM/SIGINT: the current step finished and a checkpoint was saved."""
-
-    def __init__(self, step: int, checkpoint: Path, signum: int) -> None:
-        self.step, self.checkpoint, self.signum = step, checkpoint, signum
-        super().__init__(f"stopped by signal {signum} after iteration {step}; saved {checkpoint}")
 
 
 @dataclass(frozen=True)
@@ -188,114 +172,16 @@ def train(
         elif extends is not None and folder.finished() is not None:
             raise RunFolderError(f"{folder.path} has no checkpoint of its last iteration "
                                  f"({extends}) to extend it from; use a new --out")
-        env = {}
-        if main and layout_note:
-            print(layout_note, file=sys.stderr)
-        if main:
-            env = folder.start(spec_dict, {**environment(dev), "world_size": world.size,
-                                           "sync_bn": o.sync_bn}, extends=extends)
-            if world.size > 1:
-                print(f"{world.size} ranks, {recipe.batch_size // world.size} images each of the "
-                      f"global batch of {recipe.batch_size}"
-                      + (", BN synchronised" if o.sync_bn else ", BN statistics per rank"))
-            if state is None:
-                for note in init_notes:
-                    print(note)
-            else:
-                more = f", extended from {extends}" if extends is not None else ""
-                print(f"resuming {folder.path} from {path.name} (iteration {step}/"
-                      f"{recipe.iterations}{more})")
-                for note in resume_notes([env, *env.get("resumes", [])], world.size, o.sync_bn):
-                    print(note)
-            folder.rewind_metrics(step if state is not None else None)
-        warmup = warms_up(spec.model, recipe.warmup_min_depth)
-        window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state,
-                              world=world)
+        env = _start_folder(folder, spec_dict, recipe, dev, world, o, extends, layout_note,
+                            init_notes, None if state is None else (path, step)) if main else {}
         mean, std = mean.to(dev), (std.to(dev) if std is not None else None)
-        compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
-                         else o.compile_model)
-        ddp = None
-        if world.size > 1:  # averages the ranks' gradients: the global batch's mean loss
-            ddp = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
-        run_step = build_step(
-            model, optimizer, feed.images, feed.labels, mean, std, recipe, window,
-            compile_model=compile_model,
-            compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
-            cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,
-            gradient_checkpointing=o.gradient_checkpointing, world=world, forward_module=ddp,
-        )
-        last_record = step
-
-        def checkpoint() -> Path:  # every rank calls it (the window's sums are all-reduced)
-            window_state = window.state_dict(world)
-            if not main:
-                return checkpoint_path(folder.path, step)
-            return save_checkpoint(folder.path, step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "stream": stream.state_dict(), "step": step,
-                "elapsed": time.perf_counter() - t0, **window_state,
-                "plateau": plateau.state_dict(), "skipped_images": feed.skipped,
-                "spec": spec_dict, **({} if source_norm is None else {"normalization": {
-                    "mean": source_norm[0], "std": source_norm[1]}}),
-            }, keep=o.keep_checkpoints)
-
-        bar = tqdm(total=recipe.iterations, initial=step, desc=spec.model, unit="it",
-                   disable=not (main and _show_progress(o)), dynamic_ncols=True)
-        # Off a terminal (a log file, nohup, CI) with no choice made, a line per log interval.
-        pace = _Pace(step, recipe) if main and o.progress is None and bar.disable else None
-        with algorithms(dev, o.deterministic), stop_signals() as stop, \
-                _writer(folder, o, step, main) as tb, bar:
-            model.train()
-            t0 = time.perf_counter() - elapsed
-            while step < recipe.iterations:
-                lr = learning_rate(recipe, step, warming_up=window.warmup,
-                                   divisions=plateau.divisions)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                try:
-                    note = run_step(feed.next(stream), step)
-                except NonFiniteLoss as e:
-                    raise NonFiniteLoss(f"{e}; {_kept(folder)}") from None
-                except BadImage as e:  # the stream is at its batch: resuming meets it again
-                    raise DataError(f"{e} (met at iteration {step + 1}; saved "
-                                    f"{checkpoint().name}, so the same command resumes there "
-                                    "once the file is fixed or removed)") from None
-                step += 1
-                if note and main:
-                    bar.write(note)
-                bar.update(1)
-
-                evaluating = step % recipe.eval_every == 0 or step == recipe.iterations
-                # A signal to any rank stops every rank after this same step.
-                stopping = all_sum(world, [float(bool(stop))], dev)[0] > 0
-                saving = (step % recipe.checkpoint_every == 0 or step == recipe.iterations
-                          or stopping)
-                logging = step % recipe.log_interval == 0 or evaluating
-                if run_step.deferred and (logging or saving) and all_sum(
-                        world, [float(window.nonfinite_since_check())], dev)[0]:
-                    raise NonFiniteLoss(f"loss became NaN or infinite between iterations "
-                                        f"{last_record + 1} and {step}; {_kept(folder)}")
-                if logging:
-                    record = _training_record(step, lr, window, feed, recipe, world)
-                    last_record = step
-                    if evaluating:
-                        record.update(feed.evaluate(model, mean, std))
-                        error = record.get("val_error", record["test_error"])
-                        if recipe.lr_policy == "plateau" and plateau.update(error) and main:
-                            new = learning_rate(recipe, step, divisions=plateau.divisions)
-                            bar.write(f"error plateaued at iteration {step} (best "
-                                      f"{100 * plateau.best:.2f}%): lr divided by 10, to {new:g}")
-                    if not o.deterministic:  # wall-clock time would differ between two runs
-                        record["time"] = time.perf_counter() - t0
-                    if main:
-                        folder.append_metrics(record)
-                        _log(tb, bar, record, recipe.iterations, evaluating)
-                        if pace is not None and not evaluating:
-                            print(pace.line(record), flush=True)
-                if saving:
-                    path = checkpoint()
-                    if stopping and step < recipe.iterations:
-                        raise TrainingStopped(step, path, stop[0] if stop else signal.SIGTERM)
+        window, run_step = _build_step(spec, model, optimizer, feed, mean, std, o, dev, world,
+                                       state)
+        t0 = loop.run(loop.Session(
+            spec=spec, spec_dict=spec_dict, folder=folder, world=world, device=dev, options=o,
+            model=model, optimizer=optimizer, stream=stream, plateau=plateau, feed=feed,
+            window=window, run_step=run_step, mean=mean, std=std, source_norm=source_norm,
+            step=step, elapsed=elapsed))
 
         summary = None
         if main:
@@ -304,6 +190,58 @@ def train(
                 json.loads(json.dumps(spec.as_dict())), in_channels, num_classes, mean, std,
                 feed.classes, size), summary)
         return broadcast(world, summary, dev)
+
+
+def _start_folder(folder: RunFolder, spec_dict: dict[str, Any], recipe: Recipe,
+                  dev: torch.device, world: World, o: TrainOptions, extends: int | None,
+                  layout_note: str | None, init_notes: list[str],
+                  resumed: tuple[Path, int] | None) -> dict[str, Any]:
+    """Rank 0: the run folder started (recipe.json, env.json) and what the run says as it
+    starts (the source's layout, the ranks, its fine-tune or resume notes); env.json's."""
+    if layout_note:
+        print(layout_note, file=sys.stderr)
+    env = folder.start(spec_dict, {**environment(dev), "world_size": world.size,
+                                   "sync_bn": o.sync_bn}, extends=extends)
+    if world.size > 1:
+        print(f"{world.size} ranks, {recipe.batch_size // world.size} images each of the "
+              f"global batch of {recipe.batch_size}"
+              + (", BN synchronised" if o.sync_bn else ", BN statistics per rank"))
+    if resumed is None:
+        for note in init_notes:
+            print(note)
+    else:
+        path, step = resumed
+        more = f", extended from {extends}" if extends is not None else ""
+        print(f"resuming {folder.path} from {path.name} (iteration {step}/"
+              f"{recipe.iterations}{more})")
+        for note in resume_notes([env, *env.get("resumes", [])], world.size, o.sync_bn):
+            print(note)
+    folder.rewind_metrics(resumed[1] if resumed is not None else None)
+    return env
+
+
+def _build_step(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer, feed: Any,
+                mean: torch.Tensor, std: torch.Tensor | None, o: TrainOptions,
+                dev: torch.device, world: World, state: dict[str, Any] | None
+                ) -> tuple[Window, Any]:
+    """The logging window (restored from `state`) and the step: compiled for long runs, one
+    CUDA graph on a GPU, DistributedDataParallel's gradient average over the ranks."""
+    recipe = spec.recipe
+    warmup = warms_up(spec.model, recipe.warmup_min_depth)
+    window = Window.start(dev, warmup=warmup, warmup_window=recipe.warmup_window, state=state,
+                          world=world)
+    compile_model = (recipe.iterations >= COMPILE_MIN_ITERATIONS if o.compile_model is None
+                     else o.compile_model)
+    ddp = None
+    if world.size > 1:  # averages the ranks' gradients: the global batch's mean loss
+        ddp = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    return window, build_step(
+        model, optimizer, feed.images, feed.labels, mean, std, recipe, window,
+        compile_model=compile_model,
+        compile_mode=COMPILE_MODES.get(dev.type) if o.compile_mode is None else o.compile_mode,
+        cuda_graphs=o.cuda_graphs, skip_nonfinite=o.skip_nonfinite,
+        gradient_checkpointing=o.gradient_checkpointing, world=world, forward_module=ddp,
+    )
 
 
 def _new_model(spec: RunSpec, in_channels: int, num_classes: int, size: tuple[int, int],
@@ -324,23 +262,6 @@ def _new_model(spec: RunSpec, in_channels: int, num_classes: int, size: tuple[in
     if spec.freeze:  # after sync_batch_norm, which makes new BN modules on a CPU
         model.freeze(spec.freeze)
     return model.to(dev).to(memory_format=MEMORY_FORMAT), notes
-
-
-def _training_record(step: int, lr: float, window: Window, feed: Any, recipe: Recipe,
-                     world: World) -> dict[str, Any]:
-    """A metrics record's training part: the window closed at `step`, summed over the ranks."""
-    train_loss, train_error = window.take(world)
-    record: dict[str, Any] = {
-        "step": step, "epoch": step * recipe.batch_size / feed.n_train,
-        "lr": lr, "train_loss": train_loss, "train_error": train_error,
-    }
-    # The record's lr is its last iteration's: a warm-up shorter than one record would
-    # otherwise leave no trace in the metrics.
-    if window.warmup_over_at is not None:
-        record["warmup_over_at"], window.warmup_over_at = window.warmup_over_at, None
-    if feed.skipped:
-        record["skipped_images"] = feed.skipped
-    return record
 
 
 def check_start(spec: RunSpec, run_dir: Path, options: TrainOptions, *, compare: bool = True
@@ -410,16 +331,6 @@ def _initialise(model: torch.nn.Module, spec: RunSpec, resumable: bool = False) 
     return [f"initialised from {source}{frozen}", *notes]
 
 
-def _kept(folder: RunFolder) -> str:
-    """What a run stopped by a non-finite loss leaves to resume from, by name."""
-    kept = list_checkpoints(folder.path)
-    if not kept:
-        return ("no checkpoint was saved yet, so rerunning starts over (try a lower --lr, or "
-                "--skip-nonfinite K)")
-    return (f"the last good checkpoint, {kept[-1]}, is untouched (try a lower --lr, or "
-            "--skip-nonfinite K, and rerun to resume from it)")
-
-
 def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream,
              state: dict[str, Any], path: Path, spec: RunSpec, data: Dataset, in_channels: int,
              num_classes: int) -> None:
@@ -434,56 +345,6 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: B
         ) from e
     optimizer.load_state_dict(state["optimizer"])
     stream.load_state_dict(state["stream"])
-
-
-def _show_progress(options: TrainOptions) -> bool:
-    return sys.stderr.isatty() if options.progress is None else options.progress
-
-
-class _Pace:
-    """The line a run prints per log interval when no progress bar is shown: iteration, lr,
-    loss, error, images/s and the time left, at the pace since the last line."""
-
-    def __init__(self, step: int, recipe: Recipe) -> None:
-        self.step, self.t, self.recipe = step, time.perf_counter(), recipe
-
-    def line(self, record: dict[str, Any]) -> str:
-        now, step, r = time.perf_counter(), record["step"], self.recipe
-        per_step = (now - self.t) / max(step - self.step, 1)
-        self.step, self.t = step, now
-        left = int(per_step * (r.iterations - step))
-        return (f"iteration {step}/{r.iterations}  lr {record['lr']:g}  loss "
-                f"{record['train_loss']:.3f}  train error {100 * record['train_error']:.2f}%  "
-                f"{r.batch_size / max(per_step, 1e-9):,.0f} images/s  "
-                f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
-
-
-def _writer(folder: RunFolder, options: TrainOptions, step: int, main: bool = True):
-    """TensorBoard events under tb/ (rank 0's), purged past `step` on resume; or nothing."""
-    if not options.tensorboard or not main:
-        return nullcontext()
-    try:
-        require("tensorboard", "TensorBoard events")
-    except MissingExtra as e:  # optional: the run goes on without its tb/ folder
-        print(f"note: no tb/ events: {e}")
-        return nullcontext()
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(folder.path / "tb"), purge_step=step or None)
-
-
-def _log(tb, bar: tqdm, record: dict[str, Any], iterations: int, evaluating: bool) -> None:
-    """A metrics record to TensorBoard, the progress bar and, at an evaluation, one line."""
-    if tb is not None:
-        for k, v in record.items():
-            if k not in ("step", "epoch", "time") and v is not None:  # None: not defined
-                tb.add_scalar(k, v, record["step"])
-    bar.set_postfix(loss=f"{record['train_loss']:.3f}", err=f"{100 * record['train_error']:.1f}%")
-    if evaluating:
-        val = f", val error {100 * record['val_error']:.2f}%" if "val_error" in record else ""
-        bar.write(f"iteration {record['step']}/{iterations}  lr {record['lr']:g}  train error "
-                  f"{100 * record['train_error']:.2f}%  test error "
-                  f"{100 * record['test_error']:.2f}%{val}")
 
 
 def _summary(spec: RunSpec, model: torch.nn.Module, folder: RunFolder, env: dict[str, Any],

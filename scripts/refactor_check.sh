@@ -8,7 +8,7 @@
 set -euo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); work=${3:-$(mktemp -d)}
 py=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
-py=$(realpath "$py")
+py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py")  # absolute; a venv's link kept as it is
 mkdir -p "$work"
 PYTHONPATH=$new "$py" - "$work/tree" <<'PY'
 import sys

@@ -73,9 +73,9 @@ class Crashed(BaseException):
 
 def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """train() raises Crashed right after writing the checkpoint of iteration `step`."""
-    import reslab.train
+    import reslab.loop
 
-    real = reslab.train.save_checkpoint
+    real = reslab.loop.save_checkpoint
 
     def save(run_dir, at, state, keep=2):
         path = real(run_dir, at, state, keep=keep)
@@ -83,7 +83,7 @@ def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
             raise Crashed
         return path
 
-    monkeypatch.setattr(reslab.train, "save_checkpoint", save)
+    monkeypatch.setattr(reslab.loop, "save_checkpoint", save)
 
 
 @pytest.fixture

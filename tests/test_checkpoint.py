@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import reslab
 import reslab.checkpoint
+import reslab.loop
 import reslab.step
 import reslab.train
 from conftest import RELIABILITY_SPEC, RELIABILITY_TINY, make_dataset
@@ -41,7 +42,7 @@ class Killed(BaseException):
 
 
 def _die_after_checkpoint(monkeypatch, step: int) -> None:
-    real = reslab.train.save_checkpoint
+    real = reslab.loop.save_checkpoint
 
     def save(run_dir, at, state, keep=2):
         path = real(run_dir, at, state, keep=keep)
@@ -49,7 +50,7 @@ def _die_after_checkpoint(monkeypatch, step: int) -> None:
             raise Killed(path)
         return path
 
-    monkeypatch.setattr(reslab.train, "save_checkpoint", save)
+    monkeypatch.setattr(reslab.loop, "save_checkpoint", save)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,8 +173,8 @@ def test_idx_download_from_mirrors_with_checksums(
                  for f in data.idx._IDX_FILES)
     # A dead first mirror, then a working one: the real _fetch, reading file:// URLs.
     mirrors = ((tmp_path / "dead").as_uri() + "/", server.as_uri() + "/")
-    source = dataclasses.replace(data.idx._IDX["mnist"], mirrors=mirrors, md5=md5s)
-    monkeypatch.setitem(data.idx._IDX, "mnist", source)
+    source = dataclasses.replace(data.idx.IDX_FILES["mnist"], mirrors=mirrors, md5=md5s)
+    monkeypatch.setitem(data.idx.IDX_FILES, "mnist", source)
     monkeypatch.setattr(data.download, "_fetch", REAL_FETCH)
     ds = load_dataset("mnist")
     assert ds.classes == tuple("0123456789")
@@ -210,7 +210,7 @@ def test_unreachable_mirrors_are_all_reported(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(data.idx, "_FASHION_MNIST_SYSTEM_DIR", Path("/nonexistent"))
     with pytest.raises(DataError, match="could not download train-images-idx3-ubyte.gz") as info:
         load_dataset("fashion-mnist")
-    for mirror in data.idx._IDX["fashion-mnist"].mirrors:
+    for mirror in data.idx.IDX_FILES["fashion-mnist"].mirrors:
         assert mirror in str(info.value)
 
 
@@ -221,7 +221,7 @@ def test_unreachable_mirrors_are_all_reported(monkeypatch: pytest.MonkeyPatch) -
 def write_cifar(folder: Path, name: str, n: int = 20) -> tuple[np.ndarray, ...]:
     """Batches as the official files hold them: dicts with bytes keys, pickled with protocol 2.
     Image i of the training set has first byte i % 256 so that tests can identify it."""
-    source = data.cifar._CIFAR[name]
+    source = data.cifar.CIFAR_FILES[name]
     num_classes = 10 if name == "cifar10" else 100
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ def make_tar(archive: Path, folder: Path, extra: tarfile.TarInfo | None = None) 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("form", ["folder", "tar.gz"])
 def test_cifar_official_format(tmp_path: Path, data_root: Path, name: str, form: str) -> None:
-    source = data.cifar._CIFAR[name]
+    source = data.cifar.CIFAR_FILES[name]
     if form == "folder":
         expected = write_cifar(data_root / name / source.folder, name)
     else:
@@ -360,8 +360,8 @@ def test_cifar_download_verifies_md5(
         load_dataset("cifar10")  # our archive is not the official one
     assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    source = dataclasses.replace(data.cifar._CIFAR["cifar10"], md5=md5)
-    monkeypatch.setitem(data.cifar._CIFAR, "cifar10", source)
+    source = dataclasses.replace(data.cifar.CIFAR_FILES["cifar10"], md5=md5)
+    monkeypatch.setitem(data.cifar.CIFAR_FILES, "cifar10", source)
     assert len(load_dataset("cifar10").train_labels) == 100
     assert (data_root / "cifar10" / "cifar-10-batches-py" / "batches.meta").is_file()
 
@@ -435,7 +435,7 @@ def test_image_folder_cache(
     def must_not_decode(path: Path) -> np.ndarray:
         raise AssertionError(f"decoded {path} although the folder is unchanged")
 
-    monkeypatch.setattr(data.folder, "_decode_image", must_not_decode)
+    monkeypatch.setattr(data.folder, "decode_image", must_not_decode)
     second = load_dataset(str(tmp_path / "folder"))
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(first, field), getattr(second, field))

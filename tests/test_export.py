@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from conftest import make_dataset
-from reslab.bench_infer import (
+from reslab.bench.infer import (
     agreement_on_run,
     bench_inference,
     random_images,

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import reslab.checkpoint
+import reslab.loop
 import reslab.step
 import reslab.train
 from conftest import (
@@ -82,14 +83,14 @@ def _nan_loss_at(monkeypatch, iterations: set[int]) -> None:
 
 def _recording_saves(monkeypatch) -> dict[str, bytes]:
     written = {}
-    real = reslab.train.save_checkpoint
+    real = reslab.loop.save_checkpoint
 
     def save(run_dir, step, state, keep=2):
         path = real(run_dir, step, state, keep=keep)
         written[path.name] = path.read_bytes()
         return path
 
-    monkeypatch.setattr(reslab.train, "save_checkpoint", save)
+    monkeypatch.setattr(reslab.loop, "save_checkpoint", save)
     return written
 
 
@@ -127,7 +128,7 @@ def test_deferred_nan_check_logs_the_same_metrics_resume_included(tmp_path, monk
     train(SPEC, tmp_path / "a", data=make_dataset(),
           options=TrainOptions(tensorboard=False, deterministic=True))
     monkeypatch.setattr(reslab.step, "DEFERRED_NAN_CHECK", ("cpu",))
-    real = reslab.train.save_checkpoint
+    real = reslab.loop.save_checkpoint
 
     def save_then_die(run_dir, step, state, keep=2):
         path = real(run_dir, step, state, keep=keep)
@@ -135,11 +136,11 @@ def test_deferred_nan_check_logs_the_same_metrics_resume_included(tmp_path, monk
             raise KeyboardInterrupt  # as a kill right after the checkpoint
         return path
 
-    monkeypatch.setattr(reslab.train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(reslab.loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(SPEC, tmp_path / "b", data=make_dataset(),
               options=TrainOptions(tensorboard=False, deterministic=True))
-    monkeypatch.setattr(reslab.train, "save_checkpoint", real)
+    monkeypatch.setattr(reslab.loop, "save_checkpoint", real)
     train(SPEC, tmp_path / "b", data=make_dataset(),
           options=TrainOptions(tensorboard=False, deterministic=True))
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (

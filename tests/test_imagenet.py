@@ -582,7 +582,7 @@ def test_reproduce_table2_on_a_tree_writes_the_report_beside_the_papers(tmp_path
 
 
 def test_photo_like_files_and_the_side_by_side_benchmarks_run(tmp_path, capsys):
-    from reslab.bench_photos import bench_loader, bench_train_photos, write_photo_tree
+    from reslab.bench.photos import bench_loader, bench_train_photos, write_photo_tree
 
     stats = write_photo_tree(tmp_path / "photos", classes=2, per_class=4, val_per_class=1)
     assert stats["images"] == 10 and 250 < stats["mean_width"] < 700

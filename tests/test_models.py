@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from reslab import build_model, list_models
+from reslab.blocks import ResidualBlock, ZeroPadShortcut
 from reslab.complexity import count_params, describe
-from reslab.models import SHORTCUTS, ResidualBlock, ZeroPadShortcut, model_family
+from reslab.models import SHORTCUTS, model_family
 
 CIFAR_PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
 

@@ -20,10 +20,10 @@ from PIL import Image
 
 import reslab
 from reslab import pretrained
-from reslab.cli import _finetune_fields, main
+from reslab.cli import finetune_fields, main
 from reslab.data import normalize
 from reslab.data.cifar10_jpeg import CIFAR10_CLASSES, cifar10_jpeg_folder
-from reslab.data.folder import _decode_image
+from reslab.data.folder import decode_image
 from reslab.finetune import initialise, load_source, source_layout
 from reslab.models import build_model, list_models
 from reslab.runfolder import RunSpec
@@ -44,7 +44,7 @@ def _copy() -> Path:
 def _subset(per_class: int = PER_CLASS) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
     files = [p for c in CIFAR10_CLASSES for p in sorted((_copy() / "test" / c).iterdir())
              [:per_class]]
-    images = torch.from_numpy(np.stack([_decode_image(p) for p in files])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.stack([decode_image(p) for p in files])).permute(0, 3, 1, 2)
     labels = torch.arange(len(CIFAR10_CLASSES)).repeat_interleave(per_class)
     return files, images, labels
 
@@ -226,7 +226,7 @@ def test_a_changed_weights_file_is_refused_by_every_path(monkeypatch, tmp_path, 
 def test_init_from_a_released_name_starts_from_its_file():
     args = SimpleNamespace(model="resnet20", freeze=None, linear_probe=False, layout=None,
                            init_from="resnet20.cifar10jpeg_64k")
-    fields = _finetune_fields(args)
+    fields = finetune_fields(args)
     r = pretrained.RELEASES["resnet20.cifar10jpeg_64k"]
     assert fields == {"init_from": str(REPO / r.file), "init_sha256": r.sha256}
 
@@ -289,7 +289,7 @@ def test_init_from_torchvision_name_finds_the_cached_file_and_the_first_forward_
         seeded_resnet50, torch_home, tmp_path, capsys):
     args = SimpleNamespace(model="resnet50", freeze=None, linear_probe=False, layout=None,
                            init_from=TV)
-    fields = _finetune_fields(args)
+    fields = finetune_fields(args)
     cached = torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     assert fields["init_from"] == str(cached)
     spec, note = source_layout(RunSpec(model="resnet50", data="photos",

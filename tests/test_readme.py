@@ -56,7 +56,7 @@ COMMANDS = ("reslab", "torchrun", "srun", "make", "pip", "python")
 NOT_COMMANDS = {
     "iteration 4500/4500  lr 0.001  train error 8.61%  test error 8.35%":
         "the output `make run` prints (a listing, not a command)",
-    "reslab/models.py       blocks, shortcut options and mappings, ResNet, the name table":
+    "reslab/blocks.py       the blocks: F(x) merged with its shortcut (options A/B/C, mappings)":
         "the source layout (file names and what they hold)",
 }
 
@@ -296,9 +296,9 @@ def generate(root: Path, data_root: Path, home: Path, torch_home: Path) -> None:
     write_image_folder(home / "three-classes", make_dataset(n_train=24, n_test=12, channels=3,
                                                             seed=1))
     photo_tree(root / "photos", train=2, val=1, seed=2)
-    from reslab.data.idx import _IDX
+    from reslab.data.idx import IDX_FILES
 
-    names = _IDX["fashion-mnist"].classes
+    names = IDX_FILES["fashion-mnist"].classes
     for i in range(6):  # two images of each of three classes, named as Fashion-MNIST's
         out = root / "test" / names[i % 3]
         out.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ from reslab.cli import main
 kind, n = sys.argv[1], int(sys.argv[2])
 del sys.argv[1:3]
 calls = [0]
-evaluate, atomic_write = reslab.data.feed.evaluate, reslab.checkpoint._atomic_write
+evaluate, atomic_write = reslab.data.feed.evaluate, reslab.checkpoint.atomic_write
 
 def dying_evaluate(*args, **kwargs):
     calls[0] += 1
@@ -80,7 +80,7 @@ def dying_write(path, data):
 if kind == "eval":
     reslab.data.feed.evaluate = dying_evaluate
 else:
-    reslab.checkpoint._atomic_write = dying_write
+    reslab.checkpoint.atomic_write = dying_write
 sys.exit(main())
 """
 

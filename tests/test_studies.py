@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import make_dataset, write_image_folder
 from reslab import experiments as ex
+from reslab.blocks import ResidualBlock
 from reslab.cli import main
-from reslab.models import ResidualBlock
 from reslab.studies import study_arms, versus_reference
 from reslab.train import load_trained
 

@@ -19,7 +19,7 @@ from PIL import Image
 import reslab.data.tree
 from reslab.cli import main
 from reslab.data import check_tree, open_tree
-from reslab.data.folder import _decode_image
+from reslab.data.folder import decode_image
 from reslab.data.tree import decode_rgb
 from reslab.data.workers import check_workers
 from reslab.train import RunSpec, TrainOptions, train
@@ -159,7 +159,7 @@ def test_data_bench_names_a_bad_image_in_one_line(tmp_path, capsys):
     assert "Traceback" not in err[0] and "--skip-bad-images" not in err[0]
     assert len(err[0]) < 400
     # torchvision's loader, which the benchmark runs beside reslab's, says the same.
-    from reslab.bench_photos import _reference_loader
+    from reslab.bench.photos import _reference_loader
     from reslab.data import DataError
 
     batches = _reference_loader(tree, 2, 1)
@@ -192,6 +192,6 @@ def test_float_images_are_scaled_not_clipped_to_black(tmp_path):
     want = np.rint(ramp * 255).astype(np.uint8)
     for name in ("unit.tif", "bytes.tif"):
         assert Image.open(tmp_path / name).mode == "F"
-        assert np.array_equal(_decode_image(tmp_path / name), want)
+        assert np.array_equal(decode_image(tmp_path / name), want)
         rgb = decode_rgb(str(tmp_path / name)).numpy()
         assert all(np.array_equal(channel, want) for channel in rgb)

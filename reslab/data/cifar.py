@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import DataError, Dataset, _check_labels, _data_root
-from .download import _download, _safe_extract
+from .dataset import DataError, Dataset, check_labels, data_home
+from .download import download_file, safe_extract
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class _CifarSource:
 
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
-_CIFAR = {
+CIFAR_FILES = {
     "cifar10": _CifarSource(
         "cifar-10-batches-py", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
         tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
@@ -83,13 +83,13 @@ def _cifar_batch(path: Path, labels_key: str, num_classes: int) -> tuple[torch.T
         raise DataError(f"{path}: '{labels_key}' is not a list of class indices") from e
     if labels.shape != (len(data),):
         raise DataError(f"{path}: {tuple(labels.shape)} '{labels_key}' for {len(data)} images")
-    _check_labels(labels, num_classes, path)
+    check_labels(labels, num_classes, path)
     # Rows hold 1024 red, 1024 green, then 1024 blue values, each plane row-major.
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
 
 
-def _load_cifar(name: str, download: bool) -> Dataset:
-    source, root = _CIFAR[name], _data_root() / name
+def load_cifar(name: str, download: bool) -> Dataset:
+    source, root = CIFAR_FILES[name], data_home() / name
     folder = root / source.folder
     if not (folder / source.meta).is_file():
         archive = root / source.archive
@@ -98,8 +98,8 @@ def _load_cifar(name: str, download: bool) -> Dataset:
                 raise DataError(f"{name} not found: put {source.archive} or its extracted "
                                 f"{source.folder}/ in {root} (set RESLAB_DATA to use another "
                                 "folder), or allow downloading")
-            _download([_CIFAR_URL + source.archive], archive, source.md5)
-        _safe_extract(archive, root, (source.folder,))
+            download_file([_CIFAR_URL + source.archive], archive, source.md5)
+        safe_extract(archive, root, (source.folder,))
     names = _unpickle(folder / source.meta).get(source.names_key)
     if not isinstance(names, list) or not names:
         raise DataError(f"{folder / source.meta} has no '{source.names_key}' list")

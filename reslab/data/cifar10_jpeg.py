@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .dataset import DataError, Dataset, _data_root
-from .download import _safe_extract, _sha256
-from .folder import _load_image_folder
+from .dataset import DataError, Dataset, data_home
+from .download import file_sha256, safe_extract
+from .folder import load_image_folder
 
 # CIFAR-10 as JPEG files (quality about 75) in ImageFolder form, a public re-encoding of the
 # 60,000 images; not the original pixels, so results on it are named "cifar10-jpeg".
@@ -24,7 +24,7 @@ CHECKOUT_DATA = Path(__file__).resolve().parent.parent.parent / "data"
 
 def cifar10_jpeg_folder() -> Path | None:
     """Where the extracted copy is: $RESLAB_DATA/cifar10-jpeg, then the checkout's data/."""
-    for root in (_data_root() / "cifar10-jpeg", CHECKOUT_DATA / "cifar10-jpeg"):
+    for root in (data_home() / "cifar10-jpeg", CHECKOUT_DATA / "cifar10-jpeg"):
         if (root / "train").is_dir() and (root / "test").is_dir():
             return root
     return None
@@ -34,15 +34,15 @@ def extract_copy(archive: str | Path, dest: str | Path) -> None:
     """Check the archive's SHA-256, then extract its train/ and test/ into `dest` (what
     `make data` runs, and the loader for an archive in $RESLAB_DATA/cifar10-jpeg)."""
     archive, dest = Path(archive), Path(dest)
-    if (digest := _sha256(archive)) != CIFAR10_JPEG_SHA256:
+    if (digest := file_sha256(archive)) != CIFAR10_JPEG_SHA256:
         raise DataError(f"{archive} has SHA-256 {digest}, not the copy's "
                         f"{CIFAR10_JPEG_SHA256}; replace it with the right archive")
     dest.mkdir(parents=True, exist_ok=True)
-    _safe_extract(archive, dest, ("train", "test"))
+    safe_extract(archive, dest, ("train", "test"))
 
 
 def _load_cifar10_jpeg(skip_bad_images: bool) -> Dataset:
-    root = _data_root() / "cifar10-jpeg"
+    root = data_home() / "cifar10-jpeg"
     archive = root / CIFAR10_JPEG_ARCHIVE
     if cifar10_jpeg_folder() is None and archive.is_file():
         extract_copy(archive, root)
@@ -54,7 +54,7 @@ def _load_cifar10_jpeg(skip_bad_images: bool) -> Dataset:
             f"`make data CIFAR10_JPEG=PATH/{CIFAR10_JPEG_ARCHIVE}` extracts it to "
             f"{CHECKOUT_DATA / 'cifar10-jpeg'}"
         )
-    dataset = _load_image_folder(folder, skip_bad_images)
+    dataset = load_image_folder(folder, skip_bad_images)
     sizes = (len(dataset.train_labels), len(dataset.test_labels))
     shape = tuple(dataset.train_images.shape[1:])
     if dataset.classes != CIFAR10_CLASSES or shape != (3, 32, 32) or (

@@ -127,11 +127,11 @@ def check_batch_size(batch_size: int, train_size: int) -> None:
                          "images; use a smaller --batch-size")
 
 
-def _data_root() -> Path:
+def data_home() -> Path:
     return Path(os.environ.get("RESLAB_DATA") or Path.home() / ".cache" / "reslab").expanduser()
 
 
-def _check_labels(labels: torch.Tensor, num_classes: int, path: Path) -> None:
+def check_labels(labels: torch.Tensor, num_classes: int, path: Path) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{path}: labels span {int(labels.min())}..{int(labels.max())}, "
                         f"outside 0..{num_classes - 1}; the file is corrupted")

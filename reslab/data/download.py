@@ -28,7 +28,7 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -36,7 +36,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download(urls: list[str], dest: Path, md5: str) -> None:
+def download_file(urls: list[str], dest: Path, md5: str) -> None:
     """Try each mirror; only a file whose md5 matches is moved into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -59,7 +59,7 @@ def _download(urls: list[str], dest: Path, md5: str) -> None:
     )
 
 
-def _safe_extract(archive: Path, dest: Path, folders: tuple[str, ...]) -> None:
+def safe_extract(archive: Path, dest: Path, folders: tuple[str, ...]) -> None:
     """Extract `folders` from a tar after refusing links, devices, absolute paths and `..`."""
     try:
         with tarfile.open(archive, "r:*") as tar:

@@ -14,20 +14,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import DataError, Dataset, _data_root
+from .dataset import DataError, Dataset, data_home
 
 # torchvision's ImageFolder's extensions (PIL decodes them all); other files are counted and
 # named (Dataset.ignored_files), never dropped silently.
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_MAX_SIDE = 64  # larger images would not fit in memory as a whole dataset of uint8 tensors
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_SIDE = 64  # larger images would not fit in memory as a whole dataset of uint8 tensors
 # 2: 16-bit greyscale scaled to 8 bits, no longer clipped; 3: more suffixes; 4: float images
 # scaled, broken links listed
 _CACHE_VERSION = 4
-_BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
               Image.DecompressionBombWarning)
 
 
-def _deep_grey(image: Image.Image) -> np.ndarray | None:
+def deep_grey(image: Image.Image) -> np.ndarray | None:
     """uint8 (H, W) of a greyscale image deeper than 8 bits, which PIL's convert() would clip
     rather than scale (None for other modes): integers (16-bit PNG and TIFF, modes I;16 and I)
     keep the high byte of 16 bits; floats (mode F, e.g. a float TIFF) are 0-1 if no value
@@ -41,12 +41,12 @@ def _deep_grey(image: Image.Image) -> np.ndarray | None:
     return None
 
 
-def _decode_image(path: Path) -> np.ndarray:
-    """uint8 (H, W) for grayscale files, else (H, W, 3); raises one of _BAD_IMAGE if bad."""
+def decode_image(path: Path) -> np.ndarray:
+    """uint8 (H, W) for grayscale files, else (H, W, 3); raises one of BAD_IMAGE if bad."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is a bad image
         with Image.open(path) as image:
-            if (deep := _deep_grey(image)) is not None:
+            if (deep := deep_grey(image)) is not None:
                 return deep
             gray = image.mode in ("1", "L", "LA")
             return np.asarray(image.convert("L" if gray else "RGB"))
@@ -66,7 +66,7 @@ def _class_folders(split: Path) -> list[str]:
     return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _listed(path: Path, split: Path) -> bool:
+def list_image_files(path: Path, split: Path) -> bool:
     """Whether a path found under a split is one of its files: not hidden, and a file or a link
     that leads to none (dangling or looping), which is listed so that decoding names it as a bad
     image: left out, it would be neither counted nor named."""
@@ -81,12 +81,12 @@ def _list_images(split: Path, names: list[str], classes: list[str],
     for name in names:
         files = []
         for p in sorted((split / name).rglob("*")):
-            if not _listed(p, split):
+            if not list_image_files(p, split):
                 continue
-            (files if p.suffix.lower() in _IMAGE_SUFFIXES else ignored).append(p)
+            (files if p.suffix.lower() in IMAGE_SUFFIXES else ignored).append(p)
         if not files:
             raise DataError(f"class folder {split / name} holds no images "
-                            f"({'/'.join(_IMAGE_SUFFIXES)}); add images or remove the folder")
+                            f"({'/'.join(IMAGE_SUFFIXES)}); add images or remove the folder")
         items += [(p, classes.index(name)) for p in files]
     return items
 
@@ -97,16 +97,16 @@ def _decode_split(
     arrays, labels, skipped, first = [], [], [], None
     for path, label in items:
         try:
-            array = _decode_image(path)
-        except _BAD_IMAGE as e:
+            array = decode_image(path)
+        except BAD_IMAGE as e:
             if not skip_bad:
                 raise DataError(f"cannot decode image {path}: {e}; fix or delete it, or pass "
                                 "--skip-bad-images") from e
             skipped.append(str(path))
             continue
         h, w = array.shape[:2]
-        if max(h, w) > _MAX_SIDE:
-            raise DataError(f"{path} is {w}x{h}: images are held in memory only up to {_MAX_SIDE} "
+        if max(h, w) > MAX_SIDE:
+            raise DataError(f"{path} is {w}x{h}: images are held in memory only up to {MAX_SIDE} "
                             "px a side; resize the folder first (e.g. to 32x32)")
         if first is None:
             first = path
@@ -161,7 +161,7 @@ def scan_folder(root: Path) -> Scan:
                 _list_images(test, test_names, classes, ignored), ignored)
 
 
-def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
+def load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
     scan = scan_folder(root)
     train, test, classes = scan.train_dir, scan.test_dir, scan.classes
     splits = {train: scan.train, test: scan.test}
@@ -173,7 +173,7 @@ def _load_image_folder(root: Path, skip_bad_images: bool) -> Dataset:
         stat = path.stat() if path.exists() else path.lstat()  # a broken link: its own
         key.update(f"{path.relative_to(root).as_posix()} {stat.st_size} {stat.st_mtime_ns}\n"
                    .encode())
-    cache = _data_root() / "cache" / f"{key.hexdigest()[:32]}.pt"
+    cache = data_home() / "cache" / f"{key.hexdigest()[:32]}.pt"
     try:
         c = torch.load(cache, weights_only=True)
         return Dataset(str(root.resolve()), c["train_images"], c["train_labels"], c["test_images"],

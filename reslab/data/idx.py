@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import DataError, Dataset, _check_labels, _data_root
-from .download import _download
+from .dataset import DataError, Dataset, check_labels, data_home
+from .download import download_file
 
 # Type codes of the IDX format (third byte of the magic number); multi-byte types are big-endian.
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -32,7 +32,7 @@ class _IdxSource:
     classes: tuple[str, ...]
 
 
-_IDX = {
+IDX_FILES = {
     "fashion-mnist": _IdxSource(
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
          "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
@@ -89,8 +89,8 @@ def _find_idx(folder: Path, name: str) -> Path | None:
     return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
 
 
-def _load_idx_dataset(name: str, download: bool) -> Dataset:
-    source, root = _IDX[name], _data_root() / name
+def load_idx_dataset(name: str, download: bool) -> Dataset:
+    source, root = IDX_FILES[name], data_home() / name
     folders = [root, _FASHION_MNIST_SYSTEM_DIR] if name == "fashion-mnist" else [root]
     for folder in folders:
         paths = [_find_idx(folder, f) for f in _IDX_FILES]
@@ -107,7 +107,7 @@ def _load_idx_dataset(name: str, download: bool) -> Dataset:
             )
         for i in missing:
             gz = _IDX_FILES[i] + ".gz"
-            _download([m + gz for m in source.mirrors], root / gz, source.md5[i])
+            download_file([m + gz for m in source.mirrors], root / gz, source.md5[i])
         paths = [_find_idx(root, f) for f in _IDX_FILES]
     tensors = [read_idx(p) for p in paths]
     for i in (0, 2):
@@ -118,7 +118,7 @@ def _load_idx_dataset(name: str, download: bool) -> Dataset:
         if labels.ndim != 1 or len(labels) != len(images):
             raise DataError(f"{paths[i + 1]} holds {tuple(labels.shape)} labels for "
                             f"{len(images)} images in {paths[i]}; the files do not belong together")
-        _check_labels(labels, len(source.classes), paths[i + 1])
+        check_labels(labels, len(source.classes), paths[i + 1])
     return Dataset(
         name, tensors[0].unsqueeze(1).contiguous(), tensors[1].long(),
         tensors[2].unsqueeze(1).contiguous(), tensors[3].long(), source.classes,

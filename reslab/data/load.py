@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .cifar import _CIFAR, _load_cifar
+from .cifar import CIFAR_FILES, load_cifar
 from .cifar10_jpeg import _load_cifar10_jpeg
 from .dataset import DATASETS, DataError, Dataset, hold_out
-from .folder import _MAX_SIDE, _load_image_folder
-from .idx import _IDX, _load_idx_dataset
+from .folder import MAX_SIDE, load_image_folder
+from .idx import IDX_FILES, load_idx_dataset
 from .tree import ImageTree, hold_out_tree, open_tree
 
 LOADERS = ("auto", "memory", "stream")
@@ -27,14 +27,14 @@ def load_dataset(
     """Load a known dataset by name or an ImageFolder-form folder; optionally hold out a val set."""
     if val_split < 0:
         raise DataError(f"--val-split {val_split} is negative; use 0 (no validation set) or more")
-    if spec in _IDX:
-        dataset = _load_idx_dataset(spec, download)
-    elif spec in _CIFAR:
-        dataset = _load_cifar(spec, download)
+    if spec in IDX_FILES:
+        dataset = load_idx_dataset(spec, download)
+    elif spec in CIFAR_FILES:
+        dataset = load_cifar(spec, download)
     elif spec == "cifar10-jpeg":
         dataset = _load_cifar10_jpeg(skip_bad_images)
     elif Path(spec).expanduser().is_dir():
-        dataset = _load_image_folder(Path(spec).expanduser(), skip_bad_images)
+        dataset = load_image_folder(Path(spec).expanduser(), skip_bad_images)
     else:
         raise DataError(
             f"unknown dataset {spec!r}: use one of {', '.join(DATASETS)}, or a folder with train/ "
@@ -79,6 +79,6 @@ def _larger_than_memory(tree: ImageTree) -> bool:
 
     try:
         with Image.open(tree.train[0][0]) as image:  # the header only: no decoding
-            return max(image.size) > _MAX_SIDE
+            return max(image.size) > MAX_SIDE
     except OSError:
         return False  # a bad first image: the in-memory path names it

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .dataset import DataError, check_batch_size, hold_out
-from .folder import _BAD_IMAGE, _deep_grey, scan_folder
+from .folder import BAD_IMAGE, deep_grey, scan_folder
 from .workers import DieWithParent, check_workers, max_workers
 
 if TYPE_CHECKING:  # the feed imports evaluation, which imports this package
@@ -166,11 +166,11 @@ def decode_rgb(path: str, shorter_at_least: int | None = None) -> torch.Tensor:
                     decoded = _decode_jpeg(data)
                     if decoded is not None:
                         return decoded
-                if (deep := _deep_grey(image)) is not None:  # PIL's convert() would clip
+                if (deep := deep_grey(image)) is not None:  # PIL's convert() would clip
                     array = np.repeat(deep[..., None], 3, 2)
                 else:
                     array = np.array(image.convert("RGB"))
-    except _BAD_IMAGE as e:
+    except BAD_IMAGE as e:
         raise DataError(f"cannot decode image {path}: {e}; fix or delete it") from e
     return torch.from_numpy(array).permute(2, 0, 1)
 

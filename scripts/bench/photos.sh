@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The streamed-photograph path's speed (issue 24, item 6), side by side in one run each, on
-# photograph-like JPEGs (reslab.bench_photos: ~470x400 px and ~110 KB on average): the loader
+# photograph-like JPEGs (reslab.bench.photos: ~470x400 px and ~110 KB on average): the loader
 # alone with 1 and 2 workers, and ResNet-18/50 training at 224, against torchvision's loader and
 # a plain PyTorch loop. Run from the repository root on a quiet machine:
 #   bash scripts/bench/photos.sh
@@ -16,7 +16,7 @@ run() { local file=$1; shift; if [ -n "$dry" ]; then echo "+ $*"; else "$R" "$@"
 if [ -z "$dry" ]; then
   mkdir -p $out
   rm -rf "$tree"
-  .venv/bin/python -c "import json, sys; from reslab.bench_photos import write_photo_tree; \
+  .venv/bin/python -c "import json, sys; from reslab.bench.photos import write_photo_tree; \
 print(json.dumps(write_photo_tree(sys.argv[1], classes=8, per_class=64, val_per_class=4)))" \
     "$tree" > $out/files.json
   {

@@ -121,7 +121,7 @@ if [ "$left" -gt 60 ]; then
     if [ -z "$DRY_RUN" ]; then
       cc -O2 -shared -fPIC -o reslab/data/_jpeg_region.so reslab/data/jpeg_region.c -ljpeg \
           >> "$OUT/log.txt" 2>&1 || log "JPEG region decoder not built: whole-image decoding"
-      $PY -c "import sys; from reslab.bench_photos import write_photo_tree; \
+      $PY -c "import sys; from reslab.bench.photos import write_photo_tree; \
 write_photo_tree(sys.argv[1], classes=8, per_class=160, val_per_class=2)" "$W/photos"
     fi
     TIMEOUT=$((left / 3)) reslab data bench "$W/photos" --workers $PHOTO_WORKERS --json \

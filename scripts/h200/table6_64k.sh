@@ -122,15 +122,15 @@ from pathlib import Path
 
 import torch
 
-from reslab.bench import reslab_step
-from reslab.reference import _images
+from reslab.bench.reference import bench_images
+from reslab.bench.train import reslab_step
 
 device, probe_s, iterations, runs = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 budget, start_s, graphs_off, big = float(sys.argv[5]), float(sys.argv[6]), sys.argv[7], sys.argv[8]
 depths = [int(d) for d in sys.argv[9:]]
 dev = torch.device(device)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-images, labels = _images(2048, 3, 32)
+images, labels = bench_images(2048, 3, 32)
 
 
 def left(depth):

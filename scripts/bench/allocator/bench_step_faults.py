@@ -13,13 +13,13 @@ import sys
 
 import torch
 
-from reslab.reference import Setup, _images, time_training
+from reslab.bench.reference import Setup, bench_images, time_training
 
 
 def main(argv: list[str] | None = None) -> None:
     mode = (sys.argv[1:] if argv is None else argv)[0]  # fused or unfused
     torch.set_num_threads(2)
-    images, labels = _images(2048, 1, 28)
+    images, labels = bench_images(2048, 1, 28)
     setup = Setup(precision="bf16", channels_last=True, compile=True, fused_sgd=mode == "fused")
     time_training("resnet20", images, labels, setup, 128, 5, warmup=3)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from .complexity import describe
-from .data import BatchStream, pixel_mean
-from .export import fold_batch_norm
-from .models import build_model
-from .recipes import get_recipe
-from .reference import Setup, _images, _sync, matmul_peak, time_training
-from .runtime import autocast, resolve_precision, threads
-from .step import MEMORY_FORMAT, Step, Window, build_step, make_optimizer
-from .train import COMPILE_MODES
+from ..complexity import describe
+from ..data import BatchStream, pixel_mean
+from ..export import fold_batch_norm
+from ..models import build_model
+from ..recipes import get_recipe
+from ..runtime import autocast, resolve_precision, threads
+from ..step import MEMORY_FORMAT, Step, Window, build_step, make_optimizer
+from ..train import COMPILE_MODES
+from .reference import Setup, bench_images, matmul_peak, sync_device, time_training
 
 
 def reslab_step(name: str, images: torch.Tensor, labels: torch.Tensor, *, device: str,
@@ -63,7 +63,7 @@ def time_reslab(name: str, images, labels, *, device: str, batch_size: int, step
 
     def run(n: int, timings: dict[str, list[float]] | None = None) -> float:
         nonlocal i
-        _sync(dev)
+        sync_device(dev)
         t0 = time.perf_counter()
         for _ in range(n):
             td = time.perf_counter()
@@ -73,7 +73,7 @@ def time_reslab(name: str, images, labels, *, device: str, batch_size: int, step
             i += 1
             if timings is not None:
                 timings["batch order"].append(t1 - td)
-        _sync(dev)
+        sync_device(dev)
         return time.perf_counter() - t0
 
     # A graphed step captures after its eager warm-up: warm up past it.
@@ -118,13 +118,13 @@ def kernel_split(name: str, images: torch.Tensor, labels: torch.Tensor, *, devic
     idx = torch.arange(batch_size)
     for i in range(3):
         step(idx, i)
-    _sync(dev)
+    sync_device(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     t0 = time.perf_counter()
     with _quiet_stderr(), profile(activities=activities) as prof:
         for i in range(steps):
             step(idx, 3 + i)
-        _sync(dev)
+        sync_device(dev)
     wall = (time.perf_counter() - t0) / steps
     if dev.type == "cuda":  # GPU time of the convolutions' kernels, forward and backward
         conv = sum(e.device_time_total for e in prof.key_averages()
@@ -154,7 +154,7 @@ def bench_train(name: str, *, batch_size: int = 128, steps: int = 20, input_size
     """reslab's default path vs the tutorial reference, peak fraction, step split, ablation."""
     info = describe(name, input_size=input_size, in_channels=in_channels)
     dev = torch.device(device)
-    images, labels = _images(max(4 * batch_size, 2048), in_channels, info.input_size)
+    images, labels = bench_images(max(4 * batch_size, 2048), in_channels, info.input_size)
     peaks = _peaks(dev)
     peak = peaks[f"peak_{peaks['precision']}_madds_per_s"]
     ref = Setup(device=device)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DataError
-from .data.workers import DieWithParent
+from ..data import DataError
+from ..data.workers import DieWithParent
 
 # ImageNet's training JPEGs: ~110 KB and ~470x400 px on average; a few are several megapixels.
 PHOTO_SIZE = (470, 400)
@@ -82,11 +82,11 @@ class _Named(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from .data.folder import _BAD_IMAGE
+        from ..data.folder import BAD_IMAGE
 
         try:
             return self.data[index]
-        except _BAD_IMAGE as e:  # DataError (a ValueError) names the file already
+        except BAD_IMAGE as e:  # DataError (a ValueError) names the file already
             return str(e) if isinstance(e, DataError) else \
                 f"cannot decode image {self.paths[index]}: {e}"
 
@@ -129,8 +129,8 @@ def _reference_loader(root: Path, batch_size: int, workers: int):
 
 
 def _reslab_loader(root: Path, batch_size: int, workers: int, regions: bool = True):
-    from .data import BatchStream, open_tree
-    from .data.stream import train_batches
+    from ..data import BatchStream, open_tree
+    from ..data.stream import train_batches
 
     tree = open_tree(Path(root))
     stream = BatchStream(len(tree.train), batch_size, seed=0)
@@ -149,14 +149,14 @@ class _DecodeOnly:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> int:
-        from .data.tree import decode_rgb
+        from ..data.tree import decode_rgb
 
         decode_rgb(self.paths[index])
         return 0
 
 
 def _decode_loader(root: Path, batch_size: int, workers: int):
-    from .data import open_tree
+    from ..data import open_tree
 
     paths = [p for p, _ in open_tree(Path(root)).train]
     loader = torch.utils.data.DataLoader(_Named(_DecodeOnly(paths), paths),
@@ -187,7 +187,7 @@ def bench_loader(root: Path, *, workers: int, batch_size: int = 64, batches: int
     decoding every JPEG whole (what decoding only the window's region buys), and of decoding
     whole images alone (the ceiling of a loader that decodes them), alternated `rounds` times
     (medians quoted), and per worker process."""
-    from .data import jpeg
+    from ..data import jpeg
 
     ours, whole, theirs, decoding = [], [], [], []
     for _ in range(rounds):
@@ -217,12 +217,12 @@ def bench_train_photos(root: Path, model: str, *, workers: int, batch_size: int 
     loader, against eager fp32 PyTorch fed by torchvision's loader, same model and batch."""
     from dataclasses import replace
 
-    from .data import BatchStream, open_tree
-    from .data.stream import train_batches, tree_stats
-    from .models import build_model
-    from .recipes import RECIPES
-    from .runtime import resolve_device, resolve_precision
-    from .step import MEMORY_FORMAT, Window, build_step, make_optimizer
+    from ..data import BatchStream, open_tree
+    from ..data.stream import train_batches, tree_stats
+    from ..models import build_model
+    from ..recipes import RECIPES
+    from ..runtime import resolve_device, resolve_precision
+    from ..step import MEMORY_FORMAT, Window, build_step, make_optimizer
 
     dev = resolve_device(device)
     tree = open_tree(Path(root))

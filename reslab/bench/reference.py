@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import crop_flip_draw, normalize, pad_crop_flip, to_device
-from .models import build_model
-from .runtime import autocast
-from .step import GraphedStep
+from ..data import crop_flip_draw, normalize, pad_crop_flip, to_device
+from ..models import build_model
+from ..runtime import autocast
+from ..step import GraphedStep
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Setup:
         return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """Wait for the device: GPU work is queued, so a timer must wait for it to finish."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -53,16 +53,17 @@ def matmul_peak(dtype: torch.dtype, n: int | None = None, seconds: float = 1.0,
     a = torch.randn(n, n, dtype=dtype, device=dev)
     b = torch.randn(n, n, dtype=dtype, device=dev)
     a @ b
-    _sync(dev)
+    sync_device(dev)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-        _sync(dev)
+        sync_device(dev)
     return reps * n**3 / (time.perf_counter() - t0)
 
 
-def _images(n: int, channels: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def bench_images(n: int, channels: int, size: int, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
             torch.randint(0, 10, (n,), generator=g))
@@ -129,16 +130,16 @@ def _step_fn(model, forward, setup: Setup):
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
         if timings is not None:
-            _sync(dev)
+            sync_device(dev)
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if timings is not None:
-            _sync(dev)
+            sync_device(dev)
         t2 = time.perf_counter()
         opt.step()
         if timings is not None:
-            _sync(dev)
+            sync_device(dev)
         t3 = time.perf_counter()
         if timings is not None:
             timings["forward"].append(t1 - t0)
@@ -183,20 +184,20 @@ def time_training(name: str, images, labels, setup: Setup, batch_size: int, step
     t0 = time.perf_counter()
     for _ in range(warmup):
         step(*next(batches))
-    _sync(dev)
+    sync_device(dev)
     warm = time.perf_counter() - t0
 
     def timed_pass(n: int, timings: dict[str, list[float]] | None) -> float:
-        _sync(dev)
+        sync_device(dev)
         t0 = time.perf_counter()
         for _ in range(n):
             td = time.perf_counter()
             x, y = next(batches)
             if timings is not None:
-                _sync(dev)
+                sync_device(dev)
                 timings["data"].append(time.perf_counter() - td)
             step(x, y, timings)
-        _sync(dev)
+        sync_device(dev)
         return time.perf_counter() - t0
 
     timings: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
@@ -243,12 +244,12 @@ def _time_graphed(name: str, images, labels, setup: Setup, batch_size: int, step
     t0 = time.perf_counter()
     for i in range(max(warmup, step.warmup) + 1):  # the eager warm-up, then the capture
         step(*draw(i))
-    _sync(dev)
+    sync_device(dev)
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
         step(*draw(i))
-    _sync(dev)
+    sync_device(dev)
     total = time.perf_counter() - t0
     return {"images_per_second": steps * batch_size / total, "warmup_s": warm,
             "step_split": {"whole step (one CUDA graph)": 1.0}}

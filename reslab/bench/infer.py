@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Dataset, load_dataset, normalize, pixel_mean
-from .export import export_onnx, fold_batch_norm, input_size_of, load_onnx
-from .models import build_model, model_family
-from .runfolder import RunSpec
-from .runtime import autocast, require
-from .runtime import threads as torch_threads
-from .trained import Trained, load_trained
+from ..data import Dataset, load_dataset, normalize, pixel_mean
+from ..export import export_onnx, fold_batch_norm, input_size_of, load_onnx
+from ..models import build_model, model_family
+from ..runfolder import RunSpec
+from ..runtime import autocast, require
+from ..runtime import threads as torch_threads
+from ..trained import Trained, load_trained
 
 __all__ = ["agreement_on_run", "bench_inference", "markdown_tables", "random_images", "stand_in",
            "top1_agreement"]
