@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from .data import ImageTree, open_data
-from .data.protocols import evaluate_tree
-from .data.workers import default_workers
 from .experiments import (
     Arm,
     Experiment,
@@ -85,11 +83,10 @@ def _protocol_errors(results: list[dict[str, Any]], exp: Experiment, tree: Image
             if tree is None:
                 continue  # --report-only: reported once evaluated
             model, mean, std, *_ = load_trained(exp.runs / r["run"])
-            e = evaluate_tree(model, tree.test, mean, std, protocol=protocol,
-                              precision=r["precision"], skip_bad_images=exp.options.skip_bad_images,
-                              workers=exp.options.workers if exp.options.workers is not None
-                              else default_workers())
-            cache[key] = {"top1_error": e["top1_error"], "top5_error": e["top5_error"],
+            e = tree.evaluate(model, mean, std, protocol=protocol, precision=r["precision"],
+                              workers=exp.options.workers,
+                              skip_bad_images=exp.options.skip_bad_images)
+            cache[key] = {"top1_error": e["test_error"], "top5_error": e["test_top5_error"],
                           "images": e["images"]}
             exp.out_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cache, indent=2) + "\n")

@@ -55,7 +55,7 @@ class Release:
     commit: str  # env.json's: the commit the run started at
     hardware: str
     test_error: float  # final, on the 10,000 test images (summary.json), in the run's bf16
-    test_error_fp32: float  # the same in float32, on any machine (results/.../fp32-eval.json)
+    test_error_fp32: float  # the same in float32 (results/cifar10-jpeg/releases/fp32-eval.json)
     train_error: float  # final, on the augmented batches of the last 1% (summary.json)
     wall_time_s: float
     command: str
@@ -153,8 +153,8 @@ def card(name: str) -> str:
             f"4.2) trained on {r.data}.\n\n"
             f"- final test error: {100 * r.test_error:.2f}% on the 10,000 test images as "
             f"trained (bf16; final training error {100 * r.train_error:.2f}%); in float32 "
-            f"{100 * r.test_error_fp32:.2f}%, the figure any machine reproduces (`reslab eval "
-            f"{r.name} --data cifar10-jpeg --precision fp32`)\n"
+            f"{100 * r.test_error_fp32:.2f}% (`reslab eval {r.name} --data cifar10-jpeg "
+            "--precision fp32`), free of bf16's rounding, which differs between CPUs\n"
             f"- recipe: {r.recipe}\n- iterations: {r.iterations:,}\n"
             f"- command: `{r.command}`\n- commit: {r.commit}\n"
             f"- hardware: {r.hardware}, {r.wall_time_s / 3600:.1f} h\n"

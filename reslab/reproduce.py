@@ -146,7 +146,7 @@ def schedule(run_dir: Path) -> str:
     """The learning-rate schedule a run had, from its recipe.json, with the end of the 0.01
     warm-up (Sec. 4.2's ResNet-110) as its metrics.jsonl logged it."""
     spec = json.loads((Path(run_dir) / "recipe.json").read_text())
-    recipe = spec["recipe"]
+    recipe = {**vars(Recipe()), **spec["recipe"]}  # runs from before a field: its default
     base, milestones = recipe["lr"], recipe["milestones"]
     if recipe["lr_policy"] == "plateau":
         text = f"{base:g}, /10 when the error plateaus"
@@ -159,7 +159,7 @@ def schedule(run_dir: Path) -> str:
     early = [r for r in records
              if "lr" in r and (first_division is None or r["step"] <= first_division)]
     ended = next((r["warmup_over_at"] for r in records if "warmup_over_at" in r), None)
-    warmed = warms_up(spec["model"], recipe.get("warmup_min_depth", Recipe.warmup_min_depth))
+    warmed = warms_up(spec["model"], recipe["warmup_min_depth"])
     if ended is not None or any(r["lr"] < base * (1 - 1e-6) for r in early) or (
             warmed and early):
         if ended is not None:

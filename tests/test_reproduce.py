@@ -250,6 +250,12 @@ def test_schedule_names_the_milestones_and_where_the_warm_up_ended(tmp_path):
     assert rp.schedule(tmp_path) == "0.1, /10 at 8,000 and 12,000; 16,000 iterations, batch 128"
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 160, "lr": 0.01}) + "\n")
     assert rp.schedule(tmp_path).startswith("0.01 until training error < 80% (never over), then")
+    # A run from before a recipe field existed (the committed Fashion-MNIST runs predate
+    # lr_policy and warmup_min_depth) reads as that field's default.
+    old = {k: v for k, v in asdict(recipe).items() if k not in ("lr_policy", "warmup_min_depth")}
+    (tmp_path / "recipe.json").write_text(json.dumps({"model": "resnet56", "recipe": old}))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 160, "lr": 0.1}) + "\n")
+    assert rp.schedule(tmp_path) == "0.1, /10 at 8,000 and 12,000; 16,000 iterations, batch 128"
 
 
 def test_fig7_draws_resnet110_without_a_plain_twin():
