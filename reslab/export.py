@@ -23,6 +23,7 @@ from torch import nn
 
 from .blocks import ResidualBlock
 from .checkpoint import WEIGHTS, CheckpointError, atomic_write
+from .data.stats import mean_at as stats_mean_at
 from .models import check_input_size, model_family
 from .runfolder import is_run_file
 from .runtime import require
@@ -104,12 +105,8 @@ def input_size_of(trained: Trained, input_size: tuple[int, int] | None = None) -
 
 
 def mean_at(trained: Trained, size: tuple[int, int]) -> torch.Tensor:
-    """The mean the export subtracts at `size`: a per-pixel mean of another size becomes its
-    per-channel average, as the run's evaluation does (protocols._prepare)."""
-    mean = trained.mean.detach().cpu().float()
-    if mean.ndim == 3 and tuple(mean.shape[1:]) != tuple(size):
-        mean = mean.mean((1, 2))
-    return mean
+    """The mean the export subtracts at `size`, as the run's evaluation does (stats.mean_at)."""
+    return stats_mean_at(trained.mean.detach().cpu().float(), size)
 
 
 def _wrap(trained: Trained, size: tuple[int, int]) -> _FromUint8:

@@ -81,7 +81,7 @@ def run(s: Session) -> float:
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             try:
-                note = s.run_step(s.feed.next(s.stream), s.step)
+                note = s.run_step(s.feed.next(s.stream, s.step), s.step)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"{e}; {_kept(s.folder)}") from None
             except BadImage as e:  # the stream is at its batch: resuming meets it again

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, normalize
+from .data import DataError
 from .data.folder import BAD_IMAGE, IMAGE_SUFFIXES, decode_image, list_image_files
 from .data.photo_augment import (
     CROP,
@@ -31,13 +31,13 @@ from .data.photo_augment import (
     resize_shorter,
     ten_views,
 )
+from .data.protocols import PROTOCOLS, prepare_views
 from .data.tree import decode_rgb
 from .runtime import autocast
 
 if TYPE_CHECKING:
     from .trained import Trained
 
-PROTOCOLS = ("centre", "10-crop", "multi-scale")
 
 
 @dataclass
@@ -114,11 +114,8 @@ def _torch_predictor(trained: Trained, precision: str | None, name: str) -> Pred
     precision = precision or spec.recipe.precision
     dev = next(model.parameters()).device
 
-    def prepared(x: torch.Tensor) -> torch.Tensor:
-        m = mean
-        if m.ndim == 3 and tuple(m.shape[1:]) != tuple(x.shape[-2:]):
-            m = m.mean((1, 2))  # as protocols._prepare: a per-pixel mean at another size
-        return normalize(x.to(dev), m, std).contiguous(memory_format=torch.channels_last)
+    def prepared(x: torch.Tensor) -> torch.Tensor:  # as the run's evaluation prepares views
+        return prepare_views(x, mean, std, dev, torch.channels_last)
 
     @torch.no_grad()
     def logits(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import crop_flip_apply, crop_flip_draw, normalize, to_device
+from .data.augment import IndexBatch, augmented_batch
 from .data.stream import StreamedBatch
 from .distributed import World, all_sum
 from .recipes import Recipe
@@ -55,36 +55,6 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
     if max_norm > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-
-
-def augment_generator(seed: int, step: int) -> torch.Generator:
-    """Augmentation randomness is a pure function of (seed, step), so resume needs no RNG state."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) ^ 0x5DEECE66D)
-
-
-def augmented_batch(
-    images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, *, mean: torch.Tensor,
-    std: torch.Tensor | None, pad: int, offsets: torch.Tensor | None,
-    flips: torch.Tensor | None, memory_format: torch.memory_format,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of one batch: uint8 images at `idx`, normalised, padded, cropped and flipped
-    (Sec. 4.2) with the drawn `offsets` and `flips`; all tensors on the training device."""
-    x = normalize(images[idx], mean, std)
-    if pad > 0:
-        x = crop_flip_apply(x, pad, offsets, flips)
-    return x.contiguous(memory_format=memory_format), labels[idx]
-
-
-def streamed_batch(batch: StreamedBatch, mean: torch.Tensor, std: torch.Tensor | None,
-                   device: torch.device, memory_format: torch.memory_format
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of a batch the workers made (Sec. 3.4): uint8 views normalised on the device,
-    plus each view's PCA lighting offset."""
-    x = normalize(batch.images.to(device, non_blocking=True), mean, std)
-    if batch.lighting is not None:
-        offset = batch.lighting.to(device)[:, :, None, None]
-        x.add_(offset if std is None else offset / std.to(device)[:, None, None])
-    return x.contiguous(memory_format=memory_format), batch.labels.to(device)
 
 
 def forward_loss(
@@ -245,10 +215,10 @@ class GraphedStep:
 
 
 class Step:
-    """One iteration: `step(batch, i)` trains on `batch` (CPU indices into the in-memory images,
-    or a StreamedBatch of views the workers made) as the
-    run's i-th iteration (0-based, which also seeds its crops and flips) at the learning rates
-    the optimizer holds, adds to the window, and returns a line to print or None.
+    """One iteration: `step(batch, i)` trains on the batch its data's feed gave for the run's
+    i-th iteration (0-based) at the learning rates the optimizer holds, adds to the window, and
+    returns a line to print or None. The batch brings its own tensors (`batch.tensors`); the
+    step never asks where it came from.
 
     The eager path checks the loss (at once, or on a GPU at the next log line: `deferred`),
     skips a non-finite step with `skip_nonfinite` (no update; BN statistics restored) and ends
@@ -257,41 +227,25 @@ class Step:
 
     def __init__(
         self, *, model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-        optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-        mean: torch.Tensor, std: torch.Tensor | None, recipe: Recipe, window: Window,
-        skip_nonfinite: int, deferred: bool, compiler_graphs: bool,
+        optimizer: torch.optim.Optimizer, mean: torch.Tensor, std: torch.Tensor | None,
+        recipe: Recipe, window: Window, skip_nonfinite: int, deferred: bool,
+        compiler_graphs: bool,
         graphed: GraphedStep | None, world: World = World(),  # noqa: B008 (frozen)
     ) -> None:
         self.model, self.forward, self.optimizer = model, forward, optimizer
-        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+        self.mean, self.std = mean, std
         self.recipe, self.window, self.graphed = recipe, window, graphed
         self.skip_nonfinite, self.deferred = skip_nonfinite, deferred
         self.compiler_graphs = compiler_graphs
         self.device, self.world = mean.device, world
 
-    def __call__(self, batch: torch.Tensor | StreamedBatch, i: int) -> str | None:
+    def __call__(self, batch: IndexBatch | StreamedBatch, i: int) -> str | None:
         r, window, dev = self.recipe, self.window, self.device
-        if isinstance(batch, StreamedBatch):  # views the loader's workers made (Sec. 3.4)
-            x, y = streamed_batch(batch, self.mean, self.std, dev, MEMORY_FORMAT)
-        else:  # `batch` indexes the in-memory images (Sec. 4.2)
-            offsets = flips = None
-            if r.pad > 0:  # Sec. 4.2: pad 4, random crop of the image or its flip
-                offsets, flips = crop_flip_draw(len(batch), r.pad, augment_generator(r.seed, i))
-            if self.world.size > 1:  # drawn for the global batch: this rank trains its slice
-                part = self.world.shard(len(batch))
-                batch = batch[part]
-                if offsets is not None:
-                    offsets, flips = offsets[part], flips[part]
-            if self.graphed is not None and not window.warmup:
-                self.graphed(batch, offsets, flips)  # adds to the window's sums on the device
-                window.seen += r.batch_size
-                return None
-            x, y = augmented_batch(
-                self.images, self.labels, to_device(batch, dev), mean=self.mean, std=self.std,
-                pad=r.pad, offsets=None if offsets is None else to_device(offsets, dev),
-                flips=None if flips is None else to_device(flips, dev),
-                memory_format=MEMORY_FORMAT,
-            )
+        if self.graphed is not None and not window.warmup:
+            self.graphed(batch.idx, batch.offsets, batch.flips)  # adds to the window's sums
+            window.seen += r.batch_size
+            return None
+        x, y = batch.tensors(self.mean, self.std, MEMORY_FORMAT)
         # A skipped step leaves the model as it was, BN statistics included.
         buffers = [b.clone() for b in self.model.buffers()] if self.skip_nonfinite else []
         if self.compiler_graphs:
@@ -363,6 +317,7 @@ def build_step(
     forward = torch.compile(trained, mode=compile_mode) if compile_model else trained
     # A graphed step cannot skip itself (--skip-nonfinite), nest torch.compile's own graphs,
     # or read the RNG state as activation checkpointing does (not allowed while capturing).
+    # Its inputs are indices into images resident on the device (an IndexBatch's).
     can_graph = (dev.type == "cuda" and deferred and not compiler_graphs
                  and not gradient_checkpointing and images is not None and recipe.accumulate == 1
                  and world.size == 1)
@@ -377,6 +332,6 @@ def build_step(
             std=std, pad=recipe.pad, precision=recipe.precision, memory_format=MEMORY_FORMAT,
             batch_size=recipe.batch_size, sums=window.sums, grad_clip=recipe.grad_clip,
         )
-    return Step(model=model, forward=forward, optimizer=optimizer, images=images, labels=labels,
-                mean=mean, std=std, recipe=recipe, window=window, skip_nonfinite=skip_nonfinite,
-                deferred=deferred, compiler_graphs=compiler_graphs, graphed=graphed, world=world)
+    return Step(model=model, forward=forward, optimizer=optimizer, mean=mean, std=std,
+                recipe=recipe, window=window, skip_nonfinite=skip_nonfinite, deferred=deferred,
+                compiler_graphs=compiler_graphs, graphed=graphed, world=world)

@@ -69,9 +69,9 @@ def test_batches_follow_the_runs_order_and_resume_mid_epoch(folder, loader):
     feed, stream = _feed(data), BatchStream(data.train_size, 8, seed=3)
     order = BatchStream(data.train_size, 8, seed=3)
     seen = []
-    for _ in range(6):  # 48 images: the second epoch starts inside batch 5
+    for k in range(6):  # 48 images: the second epoch starts inside batch 5
         expected = labels[order.next()]
-        got = feed.batch_labels(feed.next(stream)).cpu()
+        got = feed.batch_labels(feed.next(stream, k)).cpu()
         assert torch.equal(got, expected)
         seen.append(got)
     # Resume after batch 3 (mid-epoch): a new feed from the stream's state gives the rest.
@@ -81,7 +81,7 @@ def test_batches_follow_the_runs_order_and_resume_mid_epoch(folder, loader):
     restored = BatchStream(data.train_size, 8, seed=3)
     restored.load_state_dict(again.state_dict())
     fresh = _feed(data)
-    assert all(torch.equal(fresh.batch_labels(fresh.next(restored)).cpu(), seen[k])
+    assert all(torch.equal(fresh.batch_labels(fresh.next(restored, k)).cpu(), seen[k])
                for k in range(3, 6))
 
 
@@ -122,5 +122,5 @@ def test_a_bad_file_is_named_before_or_during_the_first_epoch(folder, tmp_path, 
     with pytest.raises(DataError, match="broken.png"):
         data = open_data(str(bad_folder), loader=loader)
         feed, stream = _feed(data), BatchStream(data.train_size, 8, seed=3)
-        for _ in range(data.train_size // 8 + 1):
-            feed.next(stream)
+        for k in range(data.train_size // 8 + 1):
+            feed.next(stream, k)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_dataset, write_image_folder
+from reslab.data.augment import index_batch
 from reslab.distributed import SyncBatchNorm2d, World, resume_notes, sync_batch_norm
 from reslab.models import build_model
 from reslab.recipes import Recipe
@@ -97,7 +98,9 @@ def test_the_ranks_slices_of_a_step_are_the_single_process_step():
                           compile_model=False, compile_mode=None, cuda_graphs=None, world=world)
         seen = []
         step.forward = lambda x: (seen.append(x.clone()), model(x))[1]
-        step(torch.arange(16).flip(0), 7)
+        part = world.shard(16) if world.size > 1 else None
+        step(index_batch(data.train_images, data.train_labels, torch.arange(16).flip(0), 7,
+                         pad=recipe.pad, seed=recipe.seed, part=part), 7)
         return torch.cat(seen)
 
     inputs["one"] = capture(World())

@@ -199,7 +199,7 @@ def test_export_at_another_size_subtracts_the_per_pixel_means_average(exported, 
     assert model.input_size == (32, 36)
     assert model.metadata["normalization"] == "per-channel mean"
     images = random_images(3, 1, (32, 36), torch.Generator().manual_seed(6))
-    averaged = grey._replace(mean=grey.mean.mean((1, 2)))  # as protocols._prepare does
+    averaged = grey._replace(mean=grey.mean.mean((1, 2)))  # as stats.mean_at does
     assert max_difference(model, averaged, images) < TOL
     assert max_difference(model, grey._replace(mean=grey.mean[:, :1, :1].flatten()),
                           images) > 100 * TOL

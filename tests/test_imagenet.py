@@ -21,6 +21,7 @@ import reslab
 from conftest import Crashed, crash_after_checkpoint
 from reslab.cli import main
 from reslab.data import BatchStream, DataError, Dataset, ImageTree, open_data, open_tree
+from reslab.data.augment import index_batch
 from reslab.data.photo_augment import (
     IMAGENET_EIGVAL,
     IMAGENET_EIGVEC,
@@ -314,7 +315,7 @@ def test_accumulation_sums_micro_batch_gradients_with_bn_per_micro_batch():
         step = build_step(model, make_optimizer(model, recipe, torch.device("cpu")), x, y, mean,
                           None, recipe, window, compile_model=False, compile_mode=None,
                           cuda_graphs=None)
-        step(torch.arange(8), 0)
+        step(index_batch(x, y, torch.arange(8), 0, pad=0, seed=0), 0)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     # By hand: two halves, each through the model in training mode, gradients averaged.
@@ -538,7 +539,7 @@ def test_resizing_keeps_the_shorter_side_and_the_aspect():
 
 def test_imagenet_experiments_have_the_papers_arms():
     from reslab.experiments import Experiment
-    from reslab.imagenet_experiments import arms_for
+    from reslab.reproduce import imagenet_arms as arms_for
 
     exp = Experiment(data="photos", out_dir=Path("out"), iterations=10)
     table3 = arms_for("table3", exp, None)

@@ -86,7 +86,7 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, folder, monkeypatc
     run and resumes the second from its checkpoint."""
     import signal
 
-    import reslab.step as tr  # where each step draws its crops and flips
+    import reslab.data.augment as tr  # where each batch's crops and flips are drawn
 
     monkeypatch.setattr(ex, "study_recipe", _tiny_recipe)
     real_aug, calls = tr.crop_flip_draw, []

@@ -21,6 +21,7 @@ import torch
 
 from ..complexity import describe
 from ..data import BatchStream, pixel_mean
+from ..data.augment import IndexBatch, index_batch
 from ..export import fold_batch_norm
 from ..models import build_model
 from ..recipes import get_recipe
@@ -32,9 +33,11 @@ from .reference import Setup, bench_images, matmul_peak, sync_device, time_train
 
 def reslab_step(name: str, images: torch.Tensor, labels: torch.Tensor, *, device: str,
                 batch_size: int, compile_model: bool, model_only: bool = False,
-                cuda_graphs: bool | None = None) -> tuple[Step, BatchStream]:
+                cuda_graphs: bool | None = None
+                ) -> tuple[Step, BatchStream, Callable[[torch.Tensor, int], IndexBatch]]:
     """train()'s own step for `name` on these images, built by the function train() uses
-    (step.build_step), with the paper's recipe at `batch_size`; model only: no augmentation."""
+    (step.build_step), with the paper's recipe at `batch_size`, its batch order, and the batch
+    of indices `idx` at iteration i as train()'s feed makes it; model only: no augmentation."""
     dev = torch.device(device)
     recipe = replace(get_recipe("cifar10"), batch_size=batch_size, pad=0 if model_only else 4)
     recipe = replace(recipe, precision=resolve_precision(recipe.precision, dev))
@@ -42,12 +45,17 @@ def reslab_step(name: str, images: torch.Tensor, labels: torch.Tensor, *, device
     model = build_model(name, in_channels=images.shape[1], num_classes=10).to(dev)
     model = model.to(memory_format=MEMORY_FORMAT).train()
     window = Window.start(dev, warmup=False, warmup_window=recipe.warmup_window)
+    resident = images.to(dev), labels.to(dev)
     step = build_step(
-        model, make_optimizer(model, recipe, dev), images.to(dev), labels.to(dev),
+        model, make_optimizer(model, recipe, dev), *resident,
         pixel_mean(images).to(dev), None, recipe, window, compile_model=compile_model,
         compile_mode=COMPILE_MODES.get(dev.type), cuda_graphs=cuda_graphs,
     )
-    return step, BatchStream(len(images), batch_size, seed=0)
+
+    def batch(idx: torch.Tensor, i: int) -> IndexBatch:
+        return index_batch(*resident, idx, i, pad=recipe.pad, seed=recipe.seed)
+
+    return step, BatchStream(len(images), batch_size, seed=0), batch
 
 
 def time_reslab(name: str, images, labels, *, device: str, batch_size: int, steps: int,
@@ -56,8 +64,9 @@ def time_reslab(name: str, images, labels, *, device: str, batch_size: int, step
     """Steady-state images/s of train()'s step (reslab_step); its batch order apart in the
     split. Model only: the same batch every step, not augmented."""
     dev = torch.device(device)
-    step, stream = reslab_step(name, images, labels, device=device, batch_size=batch_size,
-                               compile_model=compile_model, model_only=model_only)
+    step, stream, batch = reslab_step(name, images, labels, device=device,
+                                      batch_size=batch_size, compile_model=compile_model,
+                                      model_only=model_only)
     fixed = torch.arange(batch_size)
     i = 0
 
@@ -69,7 +78,7 @@ def time_reslab(name: str, images, labels, *, device: str, batch_size: int, step
             td = time.perf_counter()
             idx = fixed if model_only else stream.next()
             t1 = time.perf_counter()
-            step(idx, i)
+            step(batch(idx, i), i)
             i += 1
             if timings is not None:
                 timings["batch order"].append(t1 - td)
@@ -113,17 +122,17 @@ def kernel_split(name: str, images: torch.Tensor, labels: torch.Tensor, *, devic
 
     dev = torch.device(device)
     # The profiler cannot see inside a CUDA graph's replay: the same step without graphs.
-    step, _ = reslab_step(name, images, labels, device=device, batch_size=batch_size,
-                          compile_model=compile_model, model_only=True, cuda_graphs=False)
+    step, _, batch = reslab_step(name, images, labels, device=device, batch_size=batch_size,
+                                 compile_model=compile_model, model_only=True, cuda_graphs=False)
     idx = torch.arange(batch_size)
     for i in range(3):
-        step(idx, i)
+        step(batch(idx, i), i)
     sync_device(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     t0 = time.perf_counter()
     with _quiet_stderr(), profile(activities=activities) as prof:
         for i in range(steps):
-            step(idx, 3 + i)
+            step(batch(idx, 3 + i), 3 + i)
         sync_device(dev)
     wall = (time.perf_counter() - t0) / steps
     if dev.type == "cuda":  # GPU time of the convolutions' kernels, forward and backward

@@ -86,12 +86,30 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="conv layers in F(x) (default: 2, or 3 for bottleneck nets)")
 
 
+def device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
+
+
+def loading_options(p: argparse.ArgumentParser) -> None:
+    """How a data source is read (train, eval): bad images, memory or streamed, workers."""
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be decoded, counted and named (default: "
+                   "off, a bad image is an error naming it)")
+    p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
+                   help="an image folder held in memory or streamed from its files by worker "
+                   "processes (default: auto, streamed if its images exceed 64 px)")
+    p.add_argument("--workers", type=worker_count,
+                   help="loader processes for streamed images (default: one per core, at "
+                   "most 8)")
+
+
 def run_options(p: argparse.ArgumentParser) -> None:
     """How runs execute (TrainOptions, read back by train_options); they change no result."""
     from ..distributed import RENDEZVOUS_TIMEOUT
 
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
+    device_option(p)
+    loading_options(p)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the model (default: auto, on for runs of >= 5000 "
                    "iterations)")
@@ -105,9 +123,6 @@ def run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward, for ResNet-1202 in 24 GB "
                    "(default: off)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out images that cannot be decoded, counted and named (default: "
-                   "off, a bad image is an error naming it)")
     p.add_argument("--skip-nonfinite", type=non_negative_int, default=0, metavar="K",
                    help="skip steps with a NaN/inf loss, stop after K in a row (default: 0, stop "
                    "at the first)")
@@ -116,12 +131,6 @@ def run_options(p: argparse.ArgumentParser) -> None:
                    "(default: off)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a bar when stderr is a terminal)")
-    p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
-                   help="an image folder held in memory or streamed from its files by worker "
-                   "processes (default: auto, streamed if its images exceed 64 px)")
-    p.add_argument("--workers", type=worker_count,
-                   help="loader processes for streamed images (default: one per core, at "
-                   "most 8)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BN statistics over the global batch instead of each "
                    "rank's share (default: off, per rank as the paper's 8 GPUs)")

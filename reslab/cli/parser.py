@@ -15,6 +15,8 @@ from .options import (
     PAPER,
     Parser,
     VersionAction,
+    device_option,
+    loading_options,
     model_options,
     non_negative_float,
     non_negative_int,
@@ -155,19 +157,13 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
                    "scores averaged, as the paper's Table 5), beside each member")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output (default: off)")
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out images that cannot be decoded (default: off)")
+    device_option(p)
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="evaluate in this precision (default: the run's training precision)")
     p.add_argument("--protocol", choices=("centre", "10-crop", "multi-scale"),
                    help="testing protocol for a streamed image folder (Sec. 3.4): the centre "
                    "224 crop, 10 crops, or whole images at 5 scales (default: centre)")
-    p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
-                   help="an image folder held in memory or streamed (default: auto)")
-    p.add_argument("--workers", type=worker_count,
-                   help="loader processes for streamed images (default: one per core, at most 8)")
+    loading_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="the top-k classes of images, from a trained run (or an "
@@ -191,8 +187,7 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
                    "OUT.txt (default: off)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per forward pass (default: 64)")
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:1, ... (default: auto, the GPU if there is one)")
+    device_option(p)
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="(default: the run's training precision, as reslab eval)")
     p.set_defaults(func=cmd_predict)

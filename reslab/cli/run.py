@@ -166,8 +166,7 @@ def _recorded_source(args: argparse.Namespace) -> dict | None:
 
 def report_left_out(data) -> None:  # noqa: ANN001 (a data.Dataset; data imports torch)
     """Say which files a data set left out: bad images skipped, files that are not images."""
-    skipped = getattr(data, "skipped_files", ())  # a streamed tree meets its bad images later
-    for files, what in ((skipped, "skipped {} bad image(s) (--skip-bad-images)"),
+    for files, what in ((data.skipped_files, "skipped {} bad image(s) (--skip-bad-images)"),
                         (data.ignored_files, "ignored {} file(s) that are not images")):
         if files:
             print(what.format(len(files)) + ": " + ", ".join(files[:5])

@@ -135,9 +135,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`reproduce` (the paper's experiments) and `study` (the seed's questions) share a shape."""
-    if args.command == "reproduce" and args.experiment in ("fig4", "table2", "table3", "table4"):
-        from ..imagenet_experiments import reproduce_imagenet as run
-    elif args.command == "reproduce":
+    if args.command == "reproduce":
         from ..reproduce import reproduce as run
     else:
         from ..studies import run_study as run

@@ -41,7 +41,8 @@ def extract_copy(archive: str | Path, dest: str | Path) -> None:
     safe_extract(archive, dest, ("train", "test"))
 
 
-def _load_cifar10_jpeg(skip_bad_images: bool) -> Dataset:
+def load_cifar10_jpeg(skip_bad_images: bool) -> Dataset:
+    """The JPEG copy as a Dataset, extracted first from its archive where only that is here."""
     root = data_home() / "cifar10-jpeg"
     archive = root / CIFAR10_JPEG_ARCHIVE
     if cifar10_jpeg_folder() is None and archive.is_file():

@@ -21,6 +21,7 @@ from ..distributed import World, all_sum
 from ..evaluate import error_and_loss, evaluate, test_logits, top5_error
 from ..recipes import Recipe
 from ..runtime import MEMORY_FORMAT
+from .augment import IndexBatch, index_batch
 from .dataset import DataError, Dataset
 from .order import BatchStream
 from .protocols import evaluate_tree
@@ -61,12 +62,16 @@ class MemoryFeed:
             return pixel_mean(self.data.train_images), None
         return channel_stats(self.data.train_images)
 
-    def next(self, stream: BatchStream) -> torch.Tensor:
-        return stream.next()
+    def next(self, stream: BatchStream, step: int) -> IndexBatch:
+        """The batch of iteration `step` (0-based): the stream's next indices, this rank's
+        share of them, and their crops and flips."""
+        part = self.world.shard(stream.batch_size) if self.world.size > 1 else None
+        return index_batch(self.images, self.labels, stream.next(), step, pad=self.recipe.pad,
+                           seed=self.recipe.seed, part=part)
 
-    def batch_labels(self, batch: torch.Tensor) -> torch.Tensor:
+    def batch_labels(self, batch: IndexBatch) -> torch.Tensor:
         """The labels of a batch `next` gave (the images stay on the device until the step)."""
-        return self.labels[batch.to(self.labels.device)]
+        return self.labels[batch.idx.to(self.labels.device)]
 
     def evaluate(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor | None
                  ) -> dict[str, float]:
@@ -107,7 +112,9 @@ class TreeFeed:
     def stats(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return tree_stats(self.tree.train, self.recipe.normalization, workers=self.workers)
 
-    def next(self, stream: BatchStream) -> StreamedBatch:
+    def next(self, stream: BatchStream, step: int) -> StreamedBatch:
+        """The next batch of views the workers made (an image's view is drawn from (seed,
+        epoch, index), so `step` is not needed)."""
         if self._loader is None:  # started at the run's (restored) position
             self._loader = train_batches(
                 self.tree.train, stream, seed=self.recipe.seed,

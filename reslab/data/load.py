@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .cifar import CIFAR_FILES, load_cifar
-from .cifar10_jpeg import _load_cifar10_jpeg
+from .cifar10_jpeg import load_cifar10_jpeg
 from .dataset import DATASETS, DataError, Dataset, hold_out
 from .folder import MAX_SIDE, load_image_folder
 from .idx import IDX_FILES, load_idx_dataset
@@ -32,7 +32,7 @@ def load_dataset(
     elif spec in CIFAR_FILES:
         dataset = load_cifar(spec, download)
     elif spec == "cifar10-jpeg":
-        dataset = _load_cifar10_jpeg(skip_bad_images)
+        dataset = load_cifar10_jpeg(skip_bad_images)
     elif Path(spec).expanduser().is_dir():
         dataset = load_image_folder(Path(spec).expanduser(), skip_bad_images)
     else:

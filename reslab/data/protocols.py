@@ -11,7 +11,7 @@ from softmax scores averaged over each image's views, streamed through worker pr
   scale and its flip, as VGG's dense evaluation that the paper follows.
 
 A per-pixel mean (3, 224, 224) fits the 224 views; for whole images of other sizes its
-per-channel average is subtracted instead.
+per-channel average is subtracted instead (stats.mean_at), here and in predict and export.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from torch import nn
 
 from ..runtime import autocast
 from .dataset import DataError
-from .stats import normalize
+from .stats import mean_at, normalize
 from .stream import test_batches
 
 PROTOCOLS = ("centre", "10-crop", "multi-scale")
 
 
-def _prepare(views: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None,
-             device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
-    if mean.ndim == 3 and tuple(mean.shape[1:]) != tuple(views.shape[-2:]):
-        mean = mean.mean((1, 2))
+def prepare_views(views: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None,
+                  device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """uint8 views (N, C, H, W) as the network takes them, on `device`."""
+    mean = mean_at(mean, tuple(views.shape[-2:]))
     return normalize(views.to(device), mean, std).contiguous(memory_format=memory_format)
 
 
@@ -58,7 +58,7 @@ def evaluate_tree(
 
     def scores(views: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
-            logits = model(_prepare(views, mean, std, device, memory_format))
+            logits = model(prepare_views(views, mean, std, device, memory_format))
         return logits.float().softmax(1)
 
     try:

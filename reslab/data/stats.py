@@ -37,6 +37,14 @@ def channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor
     return (mean / 255).float(), (std / 255).float()
 
 
+def mean_at(mean: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The mean subtracted from images of `size`: a per-pixel mean (C, H, W) of another size
+    (Sec. 3.4's whole images at several scales) becomes its per-channel average."""
+    if mean.ndim == 3 and tuple(mean.shape[1:]) != tuple(size):
+        return mean.mean((1, 2))
+    return mean
+
+
 def normalize(
     images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None = None
 ) -> torch.Tensor:

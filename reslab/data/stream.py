@@ -38,6 +38,7 @@ from .photo_augment import (
     window_of_source,
     window_source,
 )
+from .stats import normalize
 from .tree import MAX_PIXELS, decode_rgb
 from .workers import DieWithParent
 
@@ -54,6 +55,17 @@ class StreamedBatch:
     lighting: torch.Tensor | None
     bad: list[str] = field(default_factory=list)
     skipping: bool = True
+
+    def tensors(self, mean: torch.Tensor, std: torch.Tensor | None,
+                memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) on the training device: the views normalised there, plus each view's PCA
+        lighting offset (Sec. 3.4)."""
+        device = mean.device
+        x = normalize(self.images.to(device, non_blocking=True), mean, std)
+        if self.lighting is not None:
+            offset = self.lighting.to(device)[:, :, None, None]
+            x.add_(offset if std is None else offset / std.to(device)[:, None, None])
+        return x.contiguous(memory_format=memory_format), self.labels.to(device)
 
 
 def _decoded(path: str, shorter_at_least: int | None = None) -> torch.Tensor | str:

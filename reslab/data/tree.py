@@ -52,6 +52,7 @@ class ImageTree:
         return len(self.classes)
 
     in_channels = 3  # every image is decoded to RGB
+    skipped_files: ClassVar[tuple[str, ...]] = ()  # its bad images are met as it streams
     image_size = None  # photographs have no one size; the views are cropped (Sec. 3.4)
 
     # The interface both regimes give (Dataset's in dataset.py).
