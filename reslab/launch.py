@@ -16,16 +16,15 @@ _USER_ERROR = 2  # a worker's exit status for a user's error (cli.options.fail)
 
 def _rendezvous_timeout(command: Sequence[str], default: float) -> float:
     """The reslab command's --rendezvous-timeout, the one limit on every wait for the others
-    (the agents' here, the ranks' in distributed.process_group)."""
-    for i, arg in enumerate(command):
-        if arg.startswith("--rendezvous-timeout"):
-            value = arg.partition("=")[2] if "=" in arg else \
-                (command[i + 1] if i + 1 < len(command) else "")
-            try:
-                return float(value)
-            except ValueError:
-                return default  # reslab's own parser names the bad value in the workers
-    return default
+    (the agents' here, the ranks' in distributed.process_group), read as argparse reads it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--rendezvous-timeout", type=float, default=default)
+    try:
+        return parser.parse_known_args(list(command))[0].rendezvous_timeout
+    except argparse.ArgumentError:
+        return default  # reslab's own parser names the bad value in the workers
 
 
 def _endpoint(args) -> str:  # noqa: ANN001 (torchrun's argparse namespace)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError
-from .data.folder import BAD_IMAGE, IMAGE_SUFFIXES, decode_image, list_image_files
+from .data.folder import BAD_IMAGE, IMAGE_SUFFIXES, decode_image, is_listed
 from .data.photo_augment import (
     CROP,
     MULTI_SCALES,
@@ -142,7 +142,7 @@ def list_images(paths: Sequence[Path]) -> list[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*")
-                           if p.suffix.lower() in IMAGE_SUFFIXES and list_image_files(p, path))
+                           if p.suffix.lower() in IMAGE_SUFFIXES and is_listed(p, path))
             if not found:
                 raise DataError(f"{path} holds no images ({'/'.join(IMAGE_SUFFIXES)})")
             files += found

@@ -163,7 +163,7 @@ SINGLE_VIEW = "single view"  # images held in memory are tested as they are (Sec
 def memory_test_logits(data: Dataset, model: nn.Module, mean: torch.Tensor,
                        std: torch.Tensor | None, *, precision: str) -> torch.Tensor:
     return test_logits(model, data.test_images, mean, std, precision=precision,
-                       memory_format=torch.channels_last)
+                       memory_format=MEMORY_FORMAT)
 
 
 def memory_record(data: Dataset, model: nn.Module, mean: torch.Tensor,

@@ -66,7 +66,7 @@ def _class_folders(split: Path) -> list[str]:
     return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def list_image_files(path: Path, split: Path) -> bool:
+def is_listed(path: Path, split: Path) -> bool:
     """Whether a path found under a split is one of its files: not hidden, and a file or a link
     that leads to none (dangling or looping), which is listed so that decoding names it as a bad
     image: left out, it would be neither counted nor named."""
@@ -81,7 +81,7 @@ def _list_images(split: Path, names: list[str], classes: list[str],
     for name in names:
         files = []
         for p in sorted((split / name).rglob("*")):
-            if not list_image_files(p, split):
+            if not is_listed(p, split):
                 continue
             (files if p.suffix.lower() in IMAGE_SUFFIXES else ignored).append(p)
         if not files:
